@@ -1,0 +1,186 @@
+"""An on-disk cache of decoded datasets, so that only the first load decodes images.
+
+A cache file is an uncompressed ``.npz`` (read with ``allow_pickle=False``) named
+``<dataset>-<identity hash>-<fingerprint hash>.npz`` under ``<cache dir>/datasets/``:
+
+* the *identity* is the dataset name, the resolved root, the parameters that change
+  the tensors and :data:`CACHE_FORMAT`;
+* the *fingerprint* is a cheap summary of the source files (their relative paths,
+  sizes and modification times), so editing the data invalidates the cache.
+
+Files are written to a temporary name and moved into place with :func:`os.replace`,
+so a crash never leaves a half-written file under the final name. A cache file that
+cannot be read or fails the checks is ignored (with a warning) and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from abl.data.types import DatasetSplits, ImageSplit
+
+CACHE_FORMAT = 1
+"""Bump when the decoding changes, so that old cache files are no longer used."""
+
+_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels", "class_names", "num_classes")
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else env ``ABL_CACHE_DIR``, else ``~/.cache/abl``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("ABL_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "abl"
+
+
+def _digest(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def files_fingerprint(paths: Iterable[Path]) -> list[Any]:
+    """``[name, size, mtime_ns]`` of each file (``None`` entries for missing files)."""
+    out: list[Any] = []
+    for p in paths:
+        try:
+            st = p.stat()
+            out.append([p.name, st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([p.name, None, None])
+    return out
+
+
+def tree_fingerprint(root: Path) -> str:
+    """A hash of every file's relative path, size and mtime under ``root`` (one stat each)."""
+    lines: list[str] = []
+    stack = [("", str(root))]
+    while stack:
+        rel, folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            lines.append(f"!{rel}")
+            continue
+        for e in entries:
+            name = rel + e.name
+            try:
+                if e.is_dir():
+                    lines.append(name + "/")
+                    stack.append((name + "/", e.path))
+                else:
+                    st = e.stat()
+                    lines.append(f"{name}\t{st.st_size}\t{st.st_mtime_ns}")
+            except OSError:
+                lines.append(name + "\t?")
+    lines.sort()
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
+    return f"{len(lines)}:{digest}"
+
+
+def cache_path(cache_dir: Path, name: str, identity: Mapping[str, Any], fingerprint: Any) -> Path:
+    ident = _digest({"format": CACHE_FORMAT, "name": name, **identity})
+    return cache_dir / "datasets" / f"{name}-{ident}-{_digest(fingerprint)}.npz"
+
+
+def read_splits(path: Path, name: str) -> DatasetSplits:
+    """Read a cache file; any problem raises (the caller treats it as a cache miss)."""
+    with np.load(path, allow_pickle=False) as npz:
+        missing = [k for k in _ARRAYS if k not in npz.files]
+        if missing:
+            raise ValueError(f"missing array {missing[0]}")
+        arrays = {k: npz[k] for k in _ARRAYS}
+    splits = DatasetSplits(
+        name=name,
+        train=ImageSplit(torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"])),
+        test=ImageSplit(torch.from_numpy(arrays["test_images"]), torch.from_numpy(arrays["test_labels"])),
+        num_classes=int(arrays["num_classes"]),
+        class_names=[str(c) for c in arrays["class_names"].tolist()],
+    )
+    splits.check()
+    return splits
+
+
+def write_splits(path: Path, splits: DatasetSplits) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f,
+                train_images=splits.train.images.numpy(),
+                train_labels=splits.train.labels.numpy(),
+                test_images=splits.test.images.numpy(),
+                test_labels=splits.test.labels.numpy(),
+                class_names=np.array([str(c) for c in splits.class_names], dtype=np.str_),
+                num_classes=np.array(splits.num_classes, dtype=np.int64),
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache holds public data
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete older cache files of the same dataset identity (other fingerprints), and
+    temporary files that a crashed writer left behind more than a day ago."""
+    prefix = path.name.rsplit("-", 1)[0] + "-"
+    old_files = [p for p in path.parent.glob(f"{prefix}*.npz") if p != path]
+    day_ago = time.time() - 86400
+    for tmp in path.parent.glob(f".{prefix}*.tmp"):
+        try:
+            if tmp.stat().st_mtime < day_ago:
+                old_files.append(tmp)
+        except OSError:
+            pass
+    for old in old_files:
+        try:
+            old.unlink()
+        except OSError:
+            pass
+
+
+def load_cached(
+    name: str,
+    identity: Mapping[str, Any],
+    fingerprint: Any,
+    build: Callable[[], DatasetSplits],
+    cache_dir: str | os.PathLike | None = None,
+) -> DatasetSplits:
+    """The cached splits for ``(name, identity, fingerprint)``, else ``build()`` and store them.
+
+    ``build`` must return checked splits. Failing to write the cache (a read-only
+    folder, a full disk) only warns: the loaded data is still returned.
+    """
+    path = cache_path(resolve_cache_dir(cache_dir), name, identity, fingerprint)
+    if path.is_file():
+        try:
+            return read_splits(path, name)
+        except Exception as exc:  # corrupt, truncated or foreign file: rebuild it
+            warnings.warn(f"ignoring unreadable dataset cache '{path}' ({exc}); rebuilding it", stacklevel=3)
+    splits = build()
+    try:
+        write_splits(path, splits)
+        _remove_stale(path)
+    except OSError as exc:
+        warnings.warn(f"could not write dataset cache '{path}': {exc}", stacklevel=3)
+    return splits

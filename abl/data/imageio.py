@@ -1,0 +1,154 @@
+"""Image files to uint8 tensors: folder scanning and fast, threaded decoding with PIL.
+
+Every problem with the files themselves (an empty class folder, an unreadable or
+corrupt image) raises :class:`~abl.errors.DataError` naming the path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from abl.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
+"""File name endings read as images (compared case-insensitively)."""
+
+_CHUNK = 512  # images per task handed to a decoding thread
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def list_class_dirs(split_dir: Path) -> list[str]:
+    """Sorted names of the (non-hidden) sub-folders of ``split_dir``."""
+    try:
+        entries = list(os.scandir(split_dir))
+    except OSError as exc:
+        raise DataError(f"cannot list folder '{split_dir}': {_first_line(exc)}") from None
+    return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted); hidden files and folders are skipped."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath, f) for f in filenames if not f.startswith(".") and is_image_file(f))
+    return sorted(found)
+
+
+def scan_class_folders(
+    split_dir: Path, classes: Sequence[str] | None = None, what: str = "dataset"
+) -> tuple[list[Path], list[int], list[str]]:
+    """Files and labels of an image-folder split ``split_dir/<class>/*``.
+
+    With ``classes`` (the train split's sorted class names) every folder must be one of
+    them and labels index into that list; without it the folders found define the
+    classes. Returns ``(paths, labels, class_names)``.
+    """
+    found = list_class_dirs(split_dir)
+    if not found:
+        raise DataError(
+            f"{what}: '{split_dir}' holds no class folders; expected {split_dir}/<class>/<image> "
+            f"files ({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    if classes is None:
+        classes = found
+    index = {name: i for i, name in enumerate(classes)}
+    paths: list[Path] = []
+    labels: list[int] = []
+    for name in found:
+        if name not in index:
+            raise DataError(
+                f"{what}: class folder '{split_dir / name}' is not among the train classes; "
+                "the test/val split may only use class folder names that train/ has"
+            )
+        files = list_images(split_dir / name)
+        if not files:
+            raise DataError(
+                f"{what}: class folder '{split_dir / name}' has no images "
+                f"(expected files ending in {', '.join(IMAGE_EXTENSIONS)}); remove the folder or add its images"
+            )
+        paths.extend(files)
+        labels.extend([index[name]] * len(files))
+    return paths, labels, list(classes)
+
+
+def decode_image(path: str | os.PathLike, size: int, crop: bool = False) -> np.ndarray:
+    """One image file as a uint8 ``(size, size, 3)`` RGB array.
+
+    ``crop=False`` resizes the whole image to ``size x size`` (aspect ratio not kept);
+    ``crop=True`` resizes the shorter side to ``size`` and keeps the centre square.
+    Resampling is bilinear with Pillow's antialiasing when shrinking. Grayscale, CMYK,
+    palette and alpha images are converted to RGB (alpha is dropped).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG" and (im.width >= 2 * size and im.height >= 2 * size):
+                im.draft("RGB", (size, size))  # DCT-domain downscale, still >= size
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            else:
+                im.load()
+            w, h = im.size
+            if crop and w != h:
+                s = min(w, h)
+                box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+                im = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+            elif (w, h) != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image '{path}': {_first_line(exc)}; replace or delete the file") from None
+
+
+def _workers(n_items: int) -> int:
+    env = os.environ.get("ABL_DECODE_WORKERS", "")
+    if env.isdigit() and int(env) > 0:
+        wanted = int(env)
+    else:
+        try:
+            wanted = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            wanted = os.cpu_count() or 1
+    return max(1, min(wanted, 8, -(-n_items // _CHUNK)))
+
+
+def decode_images(paths: Sequence[str | os.PathLike], size: int, crop: bool = False) -> np.ndarray:
+    """Decode many image files into one uint8 ``(N, 3, size, size)`` array.
+
+    Work is split into chunks handed to a thread pool (PIL releases the GIL while it
+    decodes); set ``ABL_DECODE_WORKERS`` to choose the number of threads.
+    """
+    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+
+    def run(start: int) -> None:
+        for i in range(start, min(start + _CHUNK, len(paths))):
+            out[i] = decode_image(paths[i], size, crop).transpose(2, 0, 1)
+
+    starts = range(0, len(paths), _CHUNK)
+    workers = _workers(len(paths))
+    if workers == 1:
+        for s in starts:
+            run(s)
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="abl-decode")
+        try:
+            for _ in pool.map(run, starts):  # re-raises the first DataError
+                pass
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return out

@@ -1,0 +1,153 @@
+"""Device-resident batching and batched augmentation (the airbench loader shape).
+
+The whole (poisoned) training set lives on the training device as uint8 tensors; a
+batch is an index gather, a float conversion and, optionally, augmentation done as a
+few batched tensor ops. No per-example Python anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from abl.config import check
+
+
+@dataclass
+class AugmentConfig:
+    """Random crop with zero padding, horizontal flip and Cutout (DeVries & Taylor 2017).
+
+    The ABL paper's recovery phase uses crop (padding 4), flip and one 9-pixel Cutout patch.
+    """
+
+    crop_padding: int = 4
+    flip: bool = True
+    cutout: int = 9
+
+    def validate(self) -> None:
+        check(self.crop_padding >= 0, "augment.crop_padding", "must be >= 0")
+        check(self.cutout >= 0, "augment.cutout", "must be >= 0")
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero-pad by ``padding`` and crop back to the original size at a random offset per image."""
+    if padding == 0:
+        return x
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def cutout(x: torch.Tensor, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero one ``length``-square patch per image, centred anywhere (clipped at the borders)."""
+    if length == 0:
+        return x
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n,), device=x.device, generator=generator)
+    cx = torch.randint(0, w, (n,), device=x.device, generator=generator)
+    half = length // 2
+    ys = torch.arange(h, device=x.device)[None, :]
+    xs = torch.arange(w, device=x.device)[None, :]
+    in_y = (ys >= (cy - half)[:, None]) & (ys < (cy - half + length)[:, None])
+    in_x = (xs >= (cx - half)[:, None]) & (xs < (cx - half + length)[:, None])
+    hole = in_y[:, :, None] & in_x[:, None, :]
+    return x.masked_fill(hole[:, None, :, :], 0.0)
+
+
+def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Crop, flip and Cutout a float batch, all as batched ops on the batch's device."""
+    x = random_crop(x, cfg.crop_padding, generator)
+    if cfg.flip:
+        x = random_flip(x, generator)
+    return cutout(x, cfg.cutout, generator)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]."""
+    return images.float().div_(255.0)
+
+
+class TensorLoader:
+    """Batches ``(x, y, index)`` from device tensors.
+
+    ``index`` selects the examples this loader visits (a subset of the training set);
+    the yielded ``index`` holds positions in the full set, so per-example losses can be
+    tracked for every example at every epoch. ``paired`` adds a second subset to every
+    batch (cycled independently), which is how the joint GGA objective sees the isolated
+    examples next to the clean ones at every step.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        index: torch.Tensor | None = None,
+        shuffle: bool = True,
+        augment: AugmentConfig | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+        paired: torch.Tensor | None = None,
+        paired_batch_size: int = 0,
+    ) -> None:
+        self.images = images
+        self.labels = labels
+        self.device = images.device
+        self.batch_size = batch_size
+        self.index = (index if index is not None else torch.arange(len(labels))).to(self.device)
+        self.shuffle = shuffle
+        self.augment = augment
+        self.drop_last = drop_last
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self.paired = paired.to(self.device) if paired is not None and len(paired) else None
+        self.paired_batch_size = paired_batch_size
+        self._paired_order: torch.Tensor | None = None
+        self._paired_pos = 0
+
+    def __len__(self) -> int:
+        n = len(self.index)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _next_paired(self) -> torch.Tensor:
+        assert self.paired is not None
+        k = min(self.paired_batch_size, len(self.paired))
+        out = []
+        while k > 0:
+            if self._paired_order is None or self._paired_pos >= len(self._paired_order):
+                perm = torch.randperm(len(self.paired), device=self.device, generator=self.generator)
+                self._paired_order = self.paired[perm]
+                self._paired_pos = 0
+            take = self._paired_order[self._paired_pos : self._paired_pos + k]
+            self._paired_pos += len(take)
+            k -= len(take)
+            out.append(take)
+        return torch.cat(out)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = self.index
+        if self.shuffle:
+            order = order[torch.randperm(len(order), device=self.device, generator=self.generator)]
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.paired is not None and self.paired_batch_size > 0:
+                idx = torch.cat([idx, self._next_paired()])
+            x = to_float(self.images[idx])
+            if self.augment is not None:
+                x = augment(x, self.augment, self.generator)
+            yield x, self.labels[idx], idx
