@@ -1,0 +1,407 @@
+"""Tables and plots built from the results store, never from inside a training loop.
+
+:func:`runs_table` renders a Markdown comparison table of runs; :func:`write_report`
+writes ``report.md`` with that table and, per run, its phase metrics and up to three
+figures:
+
+* ``<run>-loss.png``: per-example training loss of poisoned vs clean examples over
+  epochs (mean and 10-90 percentile band, log scale), as in Figure 6 of the ABL paper;
+  from the arrays ``example_losses`` (E, N) and ``poison_mask`` (N,).
+* ``<run>-curves.png``: clean accuracy and ASR per epoch, from ``history.jsonl``.
+* ``<run>-isolated.png``: the isolated examples (green border: truly poisoned, red: not),
+  from ``isolated_images`` / ``isolated_is_poison`` / ``isolated_indices``, plus
+  ``<run>-isolated.csv``.
+
+A figure whose inputs are absent is replaced by one line saying so. Runs that did not
+finish are listed with their status and never with metrics.
+
+Example::
+
+    write_report(RunStore("runs"), ["20261126-0435"], Path("reports/badnets"))
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from abl.errors import StoreError
+from abl.store import FINISHED, RunRecord, RunStore
+
+MISSING = "–"
+RATE_METRICS = ("clean_acc", "asr", "robust_acc", "iso_precision", "iso_recall")
+METRIC_LABELS = {
+    "clean_acc": "CA",
+    "asr": "ASR",
+    "robust_acc": "RA",
+    "iso_precision": "Isolation precision",
+    "iso_recall": "Isolation recall",
+}
+DEFAULT_COLUMNS = ["run", "dataset", "model", "attack", "defense", "status",
+                   "clean_acc", "asr", "robust_acc", "iso_precision", "iso_recall", "wall_s"]
+MAX_TILES = 64
+_POISON_RGB = (0, 170, 0)
+_CLEAN_RGB = (215, 25, 28)
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def fmt_rate(value: float | None) -> str:
+    """A fraction as a percent with 2 decimals: 0.9312 -> ``93.12%``; None -> ``–``."""
+    if value is None:
+        return MISSING
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return f"{100.0 * value:.2f}%"
+
+
+def fmt_seconds(value: float | None) -> str:
+    """Seconds with 1 decimal: ``812.4 s``; None -> ``–``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    return f"{value:.1f} s"
+
+
+def fmt_number(value: float | None) -> str:
+    if value is None:
+        return MISSING
+    return f"{value:.4g}"
+
+
+def fmt_metric(name: str, value: float | None) -> str:
+    return fmt_rate(value) if name in RATE_METRICS else fmt_number(value)
+
+
+def _md(text: Any) -> str:
+    """Make a value safe for one Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    cell: Callable[[RunRecord], str]
+
+
+def _finished_only(fn: Callable[[RunRecord], str]) -> Callable[[RunRecord], str]:
+    return lambda r: fn(r) if r.status == FINISHED else MISSING
+
+
+def _column(key: str) -> _Column:
+    fixed = {
+        "run": _Column("run", lambda r: f"`{r.run_id}`"),
+        "name": _Column("name", lambda r: _md(r.name)),
+        "dataset": _Column("dataset", lambda r: _md(r.dataset or MISSING)),
+        "model": _Column("model", lambda r: _md(r.model or MISSING)),
+        "attack": _Column("attack", lambda r: _md(r.attack or MISSING)),
+        "defense": _Column("defense", lambda r: _md(r.defense or MISSING)),
+        "status": _Column("status", lambda r: r.status),
+        "seed": _Column("seed", lambda r: MISSING if r.seed is None else str(r.seed)),
+        "wall_s": _Column("wall time", _finished_only(lambda r: fmt_seconds(r.wall_s))),
+    }
+    if key in fixed:
+        return fixed[key]
+    # Any other key is a final metric.
+    return _Column(METRIC_LABELS.get(key, key),
+                   _finished_only(lambda r: fmt_metric(key, r.final_metrics.get(key))))
+
+
+def runs_table(records: list[RunRecord], columns: list[str] | None = None) -> str:
+    """A Markdown table comparing runs, one row each.
+
+    ``columns`` are keys: ``run``, ``name``, ``dataset``, ``model``, ``attack``,
+    ``defense``, ``status``, ``seed``, ``wall_s``, or any final-metric name (rates in
+    :data:`RATE_METRICS` are shown as percents with 2 decimals, others with 4 significant
+    digits). Missing values, and every number of a run that did not finish, show ``–``.
+    """
+    cols = [_column(k) for k in (columns or DEFAULT_COLUMNS)]
+    lines = ["| " + " | ".join(c.header for c in cols) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
+    for rec in records:
+        lines.append("| " + " | ".join(c.cell(rec) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _phase_metrics_table(rec: RunRecord) -> str:
+    names: list[str] = []
+    for values in rec.metrics.values():
+        names += [n for n in values if n not in names]
+    lines = ["| phase | " + " | ".join(METRIC_LABELS.get(n, n) for n in names) + " |",
+             "|" + "|".join("---" for _ in range(len(names) + 1)) + "|"]
+    for phase, values in rec.metrics.items():
+        lines.append(f"| {_md(phase)} | " + " | ".join(fmt_metric(n, values.get(n)) for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- history
+
+
+def _epochs(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge consecutive records of the same (phase, epoch): one dict per global epoch."""
+    out: list[dict[str, Any]] = []
+    for rec in history:
+        key = (rec.get("phase"), rec.get("epoch"))
+        if out and (out[-1].get("phase"), out[-1].get("epoch")) == key:
+            out[-1].update(rec)
+        else:
+            out.append(dict(rec))
+    return out
+
+
+def _phase_spans(epochs: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
+    """``(phase, first, last)`` global epoch numbers (1-based) of each run of one phase."""
+    spans: list[tuple[str, int, int]] = []
+    for i, rec in enumerate(epochs, start=1):
+        phase = str(rec.get("phase", ""))
+        if spans and spans[-1][0] == phase:
+            spans[-1] = (phase, spans[-1][1], i)
+        else:
+            spans.append((phase, i, i))
+    return spans
+
+
+def _mark_phases(ax, spans: list[tuple[str, int, int]]) -> None:
+    if len(spans) < 2:
+        return
+    from matplotlib.transforms import blended_transform_factory
+
+    trans = blended_transform_factory(ax.transData, ax.transAxes)
+    for k, (phase, first, last) in enumerate(spans):
+        if k > 0:
+            ax.axvline(first - 0.5, color="0.4", linestyle="--", linewidth=0.9)
+        ax.text((first + last) / 2, 1.01, phase, transform=trans, ha="center", va="bottom",
+                fontsize=8, color="0.25")
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _new_figure(width: float, height: float):
+    """A figure on the Agg canvas, outside pyplot: no global state, freed when dropped."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, format="png")
+    fig.clear()
+
+
+def _band(losses: np.ndarray):
+    """Per-epoch nan-aware mean and 10/90 percentiles over the columns given."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-nan epochs give nan, drawn as gaps
+        mean = np.nanmean(losses, axis=1)
+        lo, hi = np.nanpercentile(losses, [10, 90], axis=1)
+    return mean, lo, hi
+
+
+def plot_losses(rec: RunRecord, path: Path) -> str | None:
+    """Figure 6 of the paper: loss of poisoned vs clean examples per epoch. None if
+    written, else the reason it was skipped."""
+    if not (rec.has_array("example_losses") and rec.has_array("poison_mask")):
+        return "no per-example losses recorded"
+    losses = rec.array("example_losses").astype(np.float64)
+    mask = rec.array("poison_mask").astype(bool)
+    if losses.ndim != 2 or mask.shape != (losses.shape[1],):
+        return (f"per-example losses have shape {losses.shape} but the poison mask {mask.shape}: "
+                "expected (epochs, N) and (N,)")
+    losses = np.clip(losses, 1e-6, None)  # log scale: zero losses sit at the floor
+    x = np.arange(1, losses.shape[0] + 1)
+    spans = _phase_spans(_epochs(rec.history()))
+
+    fig = _new_figure(7.0, 4.0)
+    ax = fig.add_subplot()
+    for sel, label, color in ((mask, "poisoned", "#d7191c"), (~mask, "clean", "#2c7bb6")):
+        if not sel.any():
+            continue
+        mean, lo, hi = _band(losses[:, sel])
+        ax.plot(x, mean, color=color, linewidth=1.8, marker="o" if len(x) <= 30 else None, markersize=3,
+                label=f"{label} (n={int(sel.sum())}): mean")
+        ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0, label=f"{label}: 10-90%")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss per example")
+    ax.set_xlim(0.5, len(x) + 0.5)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    if spans and spans[-1][2] == len(x):  # history aligns with the loss rows
+        _mark_phases(ax, spans)
+    fig.suptitle(f"{rec.name}: per-example loss", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return None
+
+
+def plot_curves(rec: RunRecord, path: Path) -> str | None:
+    """Clean accuracy and ASR per global epoch, with phase boundaries."""
+    epochs = _epochs(rec.history())
+    keys = [k for k in ("clean_acc", "asr", "robust_acc") if any(k in e for e in epochs)]
+    if "clean_acc" not in keys and "asr" not in keys:
+        return "no clean accuracy / ASR history recorded"
+    x = np.arange(1, len(epochs) + 1)
+    fig = _new_figure(7.0, 3.6)
+    ax = fig.add_subplot()
+    styles = {"clean_acc": ("#2c7bb6", "-"), "asr": ("#d7191c", "-"), "robust_acc": ("#1a9641", "--")}
+    for key in keys:
+        y = np.array([float(e.get(key, math.nan)) for e in epochs]) * 100.0
+        color, ls = styles[key]
+        ax.plot(x, y, color=color, linestyle=ls, marker="o" if len(x) <= 30 else None, markersize=3, label=METRIC_LABELS[key])
+    ax.set_ylim(-2, 102)
+    ax.set_xlim(0.5, len(x) + 0.5)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("%")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    _mark_phases(ax, _phase_spans(epochs))
+    fig.suptitle(f"{rec.name}: clean accuracy and attack success rate", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return None
+
+
+def _tile(image: np.ndarray, scale: int, rgb: tuple[int, int, int], border: int) -> np.ndarray:
+    """(3, H, W) or (1, H, W) uint8 -> (H*scale + 2b, W*scale + 2b, 3), nearest upscaling,
+    inside a border of colour ``rgb``."""
+    img = image if image.shape[0] == 3 else np.repeat(image[:1], 3, axis=0)
+    img = np.repeat(np.repeat(img.transpose(1, 2, 0), scale, axis=0), scale, axis=1)
+    h, w = img.shape[:2]
+    out = np.empty((h + 2 * border, w + 2 * border, 3), dtype=np.uint8)
+    out[...] = rgb
+    out[border:border + h, border:border + w] = img
+    return out
+
+
+def plot_isolated(rec: RunRecord, path: Path) -> str | None:
+    """A grid of isolated examples, bordered green (poisoned) or red (clean)."""
+    if not (rec.has_array("isolated_images") and rec.has_array("isolated_is_poison")):
+        return "no isolated examples recorded"
+    images = rec.array("isolated_images")
+    is_poison = rec.array("isolated_is_poison").astype(bool)
+    if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.transpose(0, 3, 1, 2)  # tolerate channels-last
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or is_poison.shape != (images.shape[0],):
+        return (f"isolated images have shape {images.shape} and flags {is_poison.shape}: "
+                "expected (K, 3, H, W) and (K,)")
+    if images.shape[0] == 0:
+        return "no examples were isolated"
+    if images.dtype != np.uint8:
+        images = np.clip(images * (255.0 if images.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    indices = rec.array("isolated_indices") if rec.has_array("isolated_indices") else np.arange(len(images))
+    k = min(len(images), MAX_TILES)
+    h, w = images.shape[2:]
+    scale = max(1, math.ceil(64 / max(h, w)))
+    border = max(2, (max(h, w) * scale) // 20)
+    cols = min(8, k)
+    rows = math.ceil(k / cols)
+    fig = _new_figure(1.15 * cols + 0.2, 1.3 * rows + 0.6)
+    for i in range(k):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        rgb = _POISON_RGB if is_poison[i] else _CLEAN_RGB
+        ax.imshow(_tile(images[i], scale, rgb, border), interpolation="nearest")
+        ax.set_title(f"#{int(indices[i])}", fontsize=7, pad=2)
+        ax.set_axis_off()
+    shown = f"first {k} of {len(images)}" if k < len(images) else f"{k}"
+    fig.suptitle(f"{rec.name}: isolated examples ({shown}; {int(is_poison[:k].sum())} poisoned)\n"
+                 "green border = poisoned, red = clean", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return None
+
+
+def write_isolated_csv(rec: RunRecord, path: Path) -> bool:
+    """``index,loss,is_poison`` per isolated example; False (nothing written) if none recorded."""
+    names = ("isolated_indices", "isolated_is_poison", "isolated_losses")
+    arrays = {n: rec.array(n).reshape(-1) for n in names if rec.has_array(n)}
+    if "isolated_indices" not in arrays and "isolated_is_poison" not in arrays:
+        return False
+    k = max(len(a) for a in arrays.values())
+
+    def at(name: str, i: int):
+        a = arrays.get(name)
+        return a[i] if a is not None and i < len(a) else None
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["index", "loss", "is_poison"])
+        for i in range(k):
+            index, loss, poison = at("isolated_indices", i), at("isolated_losses", i), at("isolated_is_poison", i)
+            out.writerow(["" if index is None else int(index),
+                          "" if loss is None else f"{float(loss):.6g}",
+                          "" if poison is None else str(bool(poison)).lower()])
+    return True
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _run_section(rec: RunRecord, out_dir: Path) -> list[str]:
+    lines = [f"## {rec.name} (`{rec.run_id}`)", ""]
+    parts = [f"{c}: {getattr(rec, c)}" for c in ("dataset", "model", "attack", "defense") if getattr(rec, c)]
+    meta = rec.meta
+    git = meta.get("git")
+    code = (git["revision"][:12] + (" (dirty)" if git.get("dirty") else "")) if git else "not a git checkout"
+    lines += [f"- status: **{rec.status}**" + (f" ({rec.message})" if rec.status != FINISHED and rec.message else ""),
+              f"- {', '.join(parts)}" if parts else "- components: not recorded",
+              f"- seed: {rec.seed}; started {rec.started}; abl {meta.get('abl_version')}, code {code}; "
+              f"torch {meta.get('torch_version')}; device {meta.get('device') or MISSING}; host {meta.get('hostname')}"]
+    if rec.status == FINISHED:
+        lines.append(f"- wall time: {fmt_seconds(rec.wall_s)}")
+        lines += ["", _phase_metrics_table(rec) if rec.metrics else "No metrics recorded.\n"]
+    else:
+        lines += ["", f"This run is **{rec.status}**: it has no final metrics. "
+                      "Figures below, if any, show what it recorded before it stopped.", ""]
+
+    stem = rec.run_id
+    for title, suffix, plot in (("Per-example loss", "loss", plot_losses),
+                                ("Clean accuracy and ASR", "curves", plot_curves),
+                                ("Isolated examples", "isolated", plot_isolated)):
+        png = out_dir / f"{stem}-{suffix}.png"
+        skipped = plot(rec, png)
+        lines.append(f"### {title}")
+        lines.append("")
+        lines.append(f"_{skipped}_" if skipped else f"![{title}]({png.name})")
+        lines.append("")
+    csv_path = out_dir / f"{stem}-isolated.csv"
+    if write_isolated_csv(rec, csv_path):
+        lines += [f"Isolated examples as a table: [{csv_path.name}]({csv_path.name})", ""]
+    return lines
+
+
+def write_report(store: RunStore, run_ids: list[str], out_dir: Path, title: str = "abl report") -> Path:
+    """Write ``out_dir/report.md`` (table + a section per run) and its PNGs; return its path.
+
+    ``run_ids`` may be unique prefixes; every number comes from the store.
+    """
+    if not run_ids:
+        raise StoreError("no runs to report: give run ids (`abl runs` lists them)")
+    records: list[RunRecord] = []
+    for run_id in run_ids:
+        rec = store.get(run_id)
+        if rec.run_id not in {r.run_id for r in records}:
+            records.append(rec)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    lines = [f"# {title}", "",
+             f"Built from the results store `{store.root}` on {now}: {len(records)} run(s). "
+             "Rates are percents; runs that did not finish show no numbers.", "",
+             runs_table(records)]
+    for rec in records:
+        lines += _run_section(rec, out_dir)
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,150 @@
+"""Reports built from the store: the table's numbers, valid PNGs, skip lines, unfinished runs."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from abl.errors import StoreError
+from abl.report import runs_table, write_report
+from abl.store import RunStore
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CONFIG = {"dataset": {"name": "cifar10"}, "model": {"name": "wrn16_1"},
+          "attack": {"name": "badnets"}, "defense": {"name": "abl"}}
+PHASES = ["isolation"] * 2 + ["recovery"] * 3 + ["unlearning"] * 2
+
+
+def _abl_run(store: RunStore, rng: np.random.Generator) -> str:
+    """A finished ABL-shaped run with every artefact the report draws."""
+    n, k = 200, 12
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.choice(n, 20, replace=False)] = True
+    e = len(PHASES)
+    losses = rng.lognormal(mean=0.0, sigma=0.5, size=(e, n)).astype(np.float32)
+    losses[:, mask] *= 0.01  # poisoned examples are learned fast: lower loss
+    clean = np.flatnonzero(~mask)[:2]
+    isolated = np.concatenate([np.argsort(losses[1])[: k - 2], clean])  # 2 false positives
+    losses[5:, :] = np.nan  # unlearning trains only the isolated examples
+    losses[5:, isolated] = 3.0
+    with store.create_run(CONFIG, name="badnets-abl", seed=0) as run:
+        for i, phase in enumerate(PHASES):
+            run.log_epoch({"phase": phase, "epoch": i, "loss": 1.0 / (i + 1)})
+            run.log_epoch({"phase": phase, "epoch": i, "clean_acc": 0.5 + 0.05 * i,
+                           "asr": 1.0 if i < 5 else 0.05})
+        run.save_array("example_losses", losses)
+        run.save_array("poison_mask", mask)
+        run.save_array("isolated_images", rng.integers(0, 256, size=(k, 3, 8, 8), dtype=np.uint8))
+        run.save_array("isolated_is_poison", mask[isolated])
+        run.save_array("isolated_indices", isolated.astype(np.int64))
+        run.save_array("isolated_losses", losses[1, isolated])
+        run.finish({"backdoored": {"clean_acc": 0.9, "asr": 1.0},
+                    "final": {"clean_acc": 0.9312, "asr": 0.0123, "robust_acc": 0.875,
+                              "iso_precision": 1.0, "iso_recall": 0.6}}, wall_s=61.27)
+    return run.run_id
+
+
+@pytest.fixture
+def store_with_runs(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    rng = np.random.default_rng(0)
+    ids = {"abl": _abl_run(store, rng)}
+    with store.create_run(CONFIG, name="plain", seed=1) as run:  # no arrays, no history
+        run.finish({"final": {"clean_acc": 0.8, "asr": 0.99}}, wall_s=5.0)
+    ids["plain"] = run.run_id
+    with pytest.raises(RuntimeError):
+        with store.create_run(CONFIG, name="crashed", seed=2) as run:
+            run.log_epoch({"phase": "train", "epoch": 0, "clean_acc": 0.3, "asr": 0.4})
+            raise RuntimeError("out of memory")
+    ids["failed"] = run.run_id
+    ids["running"] = store.create_run(CONFIG, name="still-going", seed=3).run_id
+    return store, ids
+
+
+def _table_row(text: str, run_id: str) -> list[str]:
+    (line,) = [ln for ln in text.splitlines() if ln.startswith(f"| `{run_id}`")]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _check_png(path):
+    import matplotlib.image
+
+    assert path.is_file() and path.read_bytes()[:8] == PNG_SIGNATURE
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+    assert img.std() > 0  # not a blank canvas
+
+
+def test_write_report(store_with_runs, tmp_path):
+    store, ids = store_with_runs
+    out = tmp_path / "report"
+    path = write_report(store, [ids["abl"][:-2], ids["plain"], ids["failed"], ids["running"]], out,
+                        title="BadNets vs ABL")
+    assert path == out / "report.md"
+    text = path.read_text()
+    assert text.startswith("# BadNets vs ABL\n")
+
+    header = [c.strip() for c in text.splitlines()[4].strip("|").split("|")]
+    assert header[:6] == ["run", "dataset", "model", "attack", "defense", "status"]
+    assert _table_row(text, ids["abl"]) == [
+        f"`{ids['abl']}`", "cifar10", "wrn16_1", "badnets", "abl", "finished",
+        "93.12%", "1.23%", "87.50%", "100.00%", "60.00%", "61.3 s"]
+    plain = _table_row(text, ids["plain"])
+    assert plain[6:] == ["80.00%", "99.00%", "–", "–", "–", "5.0 s"]  # no RA / isolation
+    for key, status in (("failed", "failed"), ("running", "running")):
+        row = _table_row(text, ids[key])
+        assert row[5] == status and row[6:] == ["–"] * 6
+    assert "RuntimeError: out of memory" in text
+
+    a = ids["abl"]
+    for suffix in ("loss", "curves", "isolated"):
+        assert f"]({a}-{suffix}.png)" in text
+        _check_png(out / f"{a}-{suffix}.png")
+    with open(out / f"{a}-isolated.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and set(rows[0]) == {"index", "loss", "is_poison"}
+    assert all(r["is_poison"] in ("true", "false") and math.isfinite(float(r["loss"])) for r in rows)
+
+    # The run without artefacts gets skip lines, not figures.
+    p = ids["plain"]
+    assert "no per-example losses recorded" in text
+    assert "no clean accuracy / ASR history recorded" in text
+    assert "no isolated examples recorded" in text
+    assert not list(out.glob(f"{p}-*"))
+    # The failed run's history is drawn, but no final metrics are claimed for it.
+    _check_png(out / f"{ids['failed']}-curves.png")
+    section = text.split(f"`{ids['failed']}`)")[1].split("\n## ")[0]
+    assert "no final metrics" in section and "%" not in section
+
+
+def test_runs_table_columns_and_missing(store_with_runs):
+    store, ids = store_with_runs
+    recs = store.list_runs()
+    table = runs_table(recs, columns=["run", "status", "asr", "clean_acc", "wall_s"])
+    lines = table.splitlines()
+    assert lines[0] == "| run | status | ASR | CA | wall time |" and len(lines) == 2 + len(recs)
+    assert _table_row(table, ids["abl"])[2:] == ["1.23%", "93.12%", "61.3 s"]
+    assert _table_row(table, ids["running"])[1:] == ["running", "–", "–", "–"]
+
+
+def test_write_report_errors(store_with_runs, tmp_path):
+    store, _ = store_with_runs
+    with pytest.raises(StoreError, match="no run 'zzz'"):
+        write_report(store, ["zzz"], tmp_path / "r")
+    with pytest.raises(StoreError, match="no runs"):
+        write_report(store, [], tmp_path / "r")
+
+
+def test_malformed_arrays_are_skipped(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    with store.create_run(CONFIG, name="odd", seed=0) as run:
+        run.save_array("example_losses", np.ones((3, 5), dtype=np.float32))
+        run.save_array("poison_mask", np.zeros(4, dtype=bool))  # wrong length
+        run.save_array("isolated_images", np.zeros((2, 3, 4, 4), dtype=np.uint8))
+        run.finish({"final": {"clean_acc": 0.5}}, wall_s=1.0)  # no isolated_is_poison
+    text = write_report(store, [run.run_id], tmp_path / "r").read_text()
+    assert "per-example losses have shape (3, 5) but the poison mask (4,)" in text
+    assert "no isolated examples recorded" in text
