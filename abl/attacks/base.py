@@ -1,0 +1,183 @@
+"""The attack template shared by every poisoning attack.
+
+An attack separates three things (the torchvision v2 ``make_params``/``transform``
+split): *which* training examples are poisoned (:meth:`Attack.select`, seeded and
+recorded), *how* a batch is triggered (:meth:`Attack.apply`, deterministic batched
+tensor ops in [0, 1] on any device, shape kept) and *how labels change*
+(:meth:`Attack.relabel`). Poisoning happens once, on the training device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+
+from abl.config import check
+from abl.data.loader import to_float
+from abl.data.types import ImageSplit, PoisonedSet, TriggeredTestSet
+from abl.errors import ConfigError, DataError
+from abl.registry import Registry
+
+ATTACKS: Registry = Registry("attack")
+
+_CHUNK = 4096  # images per batched trigger call while poisoning (bounds peak memory)
+
+
+@dataclass
+class Attack:
+    """Base attack: poisoning ``rate`` of the training set towards ``target``.
+
+    Parameters (shared by every attack):
+        rate: fraction of the whole training set that is poisoned (0.1 in the ABL paper).
+        target: the target label (0 for CIFAR-10 and ImageNet, 1 for GTSRB in the paper).
+        labelling: ``all2one`` relabels poisoned examples to ``target``; ``all2all``
+            relabels class ``y`` to ``(y + 1) mod C``.
+        seed: seeds the choice of poisoned examples (and any random trigger).
+    """
+
+    rate: float = 0.1
+    target: int = 0
+    labelling: Literal["all2one", "all2all"] = "all2one"
+    seed: int = 0
+
+    #: clean-label attacks poison only target-class images and keep every label.
+    clean_label: ClassVar[bool] = False
+
+    def validate(self) -> None:
+        check(0.0 < self.rate < 1.0, "attack.rate", f"must be in (0, 1), got {self.rate}")
+        check(self.target >= 0, "attack.target", f"must be a class index >= 0, got {self.target}")
+        if self.clean_label:
+            check(self.labelling == "all2one", "attack.labelling", "must be all2one for a clean-label attack")
+
+    # -- set-up -----------------------------------------------------------------
+    def setup(self, image_size: int, num_classes: int) -> None:
+        """Build the trigger for this image size; called once before poisoning."""
+        check(self.target < num_classes, "attack.target", f"is {self.target} but the dataset has {num_classes} classes")
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self._cache: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self.build(image_size)
+
+    def build(self, image_size: int) -> None:
+        """Subclasses create their trigger tensors (CPU, float in [0, 1]) here."""
+
+    def artefacts(self) -> dict[str, torch.Tensor]:
+        """Tensors that define the trigger, stored with the run."""
+        return {}
+
+    def _on(self, device: torch.device, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The trigger tensors on ``device``, moved once and cached."""
+        if device not in self._cache:
+            self._cache[device] = {k: v.to(device) for k, v in tensors.items()}
+        return self._cache[device]
+
+    # -- the three parts of an attack ---------------------------------------------
+    def select(self, labels: torch.Tensor) -> torch.Tensor:
+        """Seeded boolean mask of the training examples to poison."""
+        labels = labels.cpu()
+        n_poison = int(round(self.rate * len(labels)))
+        if self.clean_label:
+            candidates = (labels == self.target).nonzero().squeeze(1)
+        elif self.labelling == "all2one":
+            candidates = (labels != self.target).nonzero().squeeze(1)
+        else:
+            candidates = torch.arange(len(labels))
+        if n_poison > len(candidates):
+            kind = "target-class" if self.clean_label else "non-target"
+            raise ConfigError(
+                f"'attack.rate' {self.rate} asks for {n_poison} poisoned examples but only "
+                f"{len(candidates)} {kind} examples exist; lower the rate"
+            )
+        if n_poison == 0:
+            raise ConfigError(f"'attack.rate' {self.rate} poisons no example of {len(labels)}; raise the rate")
+        gen = torch.Generator().manual_seed(self.seed)
+        chosen = candidates[torch.randperm(len(candidates), generator=gen)[:n_poison]]
+        mask = torch.zeros(len(labels), dtype=torch.bool)
+        mask[chosen] = True
+        return mask
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Trigger a float batch ``(N, 3, H, W)`` in [0, 1]; same shape, still in [0, 1]."""
+        raise NotImplementedError
+
+    def relabel(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels the attacker assigns to triggered examples with true ``labels``."""
+        if self.clean_label or self.labelling == "all2one":
+            return torch.full_like(labels, self.target)
+        return (labels + 1) % self.num_classes
+
+    # -- derived operations -------------------------------------------------------
+    def apply_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """Trigger uint8 images in chunks and quantise back to uint8 (as a stored file would be)."""
+        out = torch.empty_like(images)
+        for s in range(0, len(images), _CHUNK):
+            x = self.apply(to_float(images[s : s + _CHUNK]))
+            out[s : s + _CHUNK] = x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+        return out
+
+    def poison(self, train: ImageSplit, device: torch.device | str = "cpu") -> PoisonedSet:
+        """Poison the training split once, on ``device``."""
+        mask = self.select(train.labels)
+        images = train.images.to(device, copy=True)
+        true_labels = train.labels.to(device)
+        labels = true_labels.clone()
+        idx = mask.nonzero().squeeze(1).to(device)
+        images[idx] = self.apply_uint8(images[idx])
+        labels[idx] = true_labels[idx] if self.clean_label else self.relabel(true_labels[idx])
+        return PoisonedSet(images, labels, true_labels, mask.to(device))
+
+    def triggered_test(self, test: ImageSplit, device: torch.device | str = "cpu") -> TriggeredTestSet:
+        """Every test image the attack can flip, triggered: for all-to-one attacks the
+        images whose true label is not the target."""
+        labels = test.labels.to(device)
+        attack_labels = self.relabel(labels)
+        keep = (labels != attack_labels).nonzero().squeeze(1)
+        images = self.apply_uint8(test.images.to(device)[keep])
+        return TriggeredTestSet(images, labels[keep], attack_labels[keep])
+
+
+def load_pattern_file(path: str, image_size: int, where: str, *, resize: bool = False) -> torch.Tensor:
+    """Load a trigger image/array as float ``(3, H, W)`` in [0, 1] at ``image_size``.
+
+    Accepts ``.npy``/``.npz`` (values in [0, 255] if their maximum exceeds 1, HWC or CHW,
+    single channel broadcast) and any image file PIL reads.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{where}: trigger file '{p}' does not exist")
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".npy", ".npz"):
+            arr = np.load(p, allow_pickle=False)
+            if isinstance(arr, np.lib.npyio.NpzFile):
+                keys = list(arr.keys())
+                arr = arr["x"] if "x" in keys else arr[keys[0]]
+            t = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+            if t.max() > 1.0:
+                t = t / 255.0
+        else:
+            from PIL import Image
+
+            with Image.open(p) as im:
+                t = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{where}: cannot read trigger file '{p}': {exc}") from None
+    if t.ndim == 2:
+        t = t[None].expand(3, -1, -1)
+    elif t.ndim == 3 and t.shape[-1] in (1, 3) and t.shape[0] not in (1, 3):
+        t = t.permute(2, 0, 1)
+    if t.ndim != 3 or t.shape[0] not in (1, 3):
+        raise DataError(f"{where}: trigger file '{p}' has shape {tuple(t.shape)}; expected (H, W), (H, W, 3) or (3, H, W)")
+    t = t.expand(3, -1, -1).contiguous()
+    if resize and t.shape[1:] != (image_size, image_size):
+        t = torch.nn.functional.interpolate(t[None], size=(image_size, image_size), mode="bilinear", antialias=True)[0]
+    if t.shape[1:] != (image_size, image_size):
+        raise DataError(
+            f"{where}: trigger file '{p}' is {t.shape[1]}x{t.shape[2]} but the images are "
+            f"{image_size}x{image_size}; make a trigger of the image size"
+        )
+    return t

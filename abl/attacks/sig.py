@@ -1,0 +1,74 @@
+"""SIG (Barni, Kallas & Tondi, "A new backdoor attack in CNNs by training set corruption
+without label poisoning", ICIP 2019): a clean-label sinusoidal signal."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from abl.attacks.base import ATTACKS, Attack
+from abl.config import check
+from abl.errors import DataError
+
+
+@ATTACKS.register("sig")
+@dataclass
+class SIG(Attack):
+    """Sinusoidal signal backdoor, clean-label: only target-class images carry it.
+
+    ``x' = clip(x + v)`` with ``v[i, j] = delta * sin(2 pi j f / m)`` on the 0-255 scale
+    (``m`` the image width), the same on every row and channel. Labels are never changed;
+    at test time the signal is added to non-target images.
+
+    Parameters:
+        delta: amplitude on the 0-255 scale (20, as the ABL authors).
+        frequency: number of periods across the image (6).
+        pattern_file: a ``(H, W)`` signal array instead, e.g. the authors'
+            ``abl-official-sig-cifar10.npy``; a uint8 file is read as signed bytes, which
+            undoes that file's wrap-around of negative values to 236-255.
+
+    Example::
+
+        ATTACKS.create({"name": "sig", "rate": 0.1, "target": 0})
+    """
+
+    delta: float = 20.0
+    frequency: float = 6.0
+    pattern_file: str | None = None
+
+    clean_label = True
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.delta > 0, "attack.delta", "must be > 0")
+        check(self.frequency > 0, "attack.frequency", "must be > 0")
+
+    def build(self, image_size: int) -> None:
+        if self.pattern_file is not None:
+            p = Path(self.pattern_file)
+            if not p.is_file():
+                raise DataError(f"attack.pattern_file: signal file '{p}' does not exist")
+            try:
+                arr = np.load(p, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"attack.pattern_file: cannot read '{p}': {exc}") from None
+            if arr.dtype == np.uint8:
+                arr = arr.view(np.int8)
+            signal = torch.from_numpy(arr.astype(np.float32))
+            if signal.shape != (image_size, image_size):
+                raise DataError(f"attack.pattern_file: '{p}' is {tuple(signal.shape)}; expected ({image_size}, {image_size})")
+        else:
+            j = torch.arange(image_size, dtype=torch.float32)
+            signal = (self.delta * torch.sin(2 * math.pi * j * self.frequency / image_size)).expand(image_size, -1)
+        self.signal = (signal / 255.0).expand(3, -1, -1).contiguous()
+
+    def artefacts(self) -> dict[str, torch.Tensor]:
+        return {"signal": self.signal}
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        signal = self._on(x.device, signal=self.signal)["signal"].to(x.dtype)
+        return (x + signal).clamp_(0, 1)

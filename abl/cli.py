@@ -1,0 +1,104 @@
+"""The ``abl`` command: a thin layer that parses, calls the library and prints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from abl.errors import AblError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from abl.experiment import load_experiment, run_experiment
+    from abl.report import runs_table
+
+    exp = load_experiment(args.config, args.set)
+    if args.runs_dir:
+        exp.output.runs_dir = args.runs_dir
+    record = run_experiment(exp)
+    print(runs_table([record]))
+    print(f"run {record.run_id} finished: {record.path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from abl.demo import demo_table, run_demo
+
+    records, report = run_demo(args.out, args.set)
+    print(demo_table(records))
+    print(f"report: {report}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from abl.registries import all_registries
+
+    for kind, registry in all_registries().items():
+        print(f"{kind}s: {', '.join(registry.names())}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from abl.report import runs_table, write_report
+    from abl.store import RunStore
+
+    root = Path(args.runs_dir)
+    if not root.is_dir():
+        raise AblError(f"runs folder '{root}' does not exist; run an experiment first or pass --runs-dir")
+    store = RunStore(root)
+    records = [store.get(r) for r in args.runs] if args.runs else store.list_runs(status=args.status)
+    if not records:
+        print(f"no runs in '{root}'")
+        return 0
+    print(runs_table(records))
+    if args.out:
+        path = write_report(store, [r.run_id for r in records], Path(args.out))
+        print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from abl import __version__
+
+    parser = argparse.ArgumentParser(prog="abl", description="Anti-Backdoor Learning: train clean models on poisoned data.")
+    parser.add_argument("--version", action="version", version=f"abl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run an experiment from a YAML config")
+    p.add_argument("config", help="YAML file naming dataset, model, attack, defense and their parameters")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (dotted key), repeatable")
+    p.add_argument("--runs-dir", help="results folder (default: the config's output.runs_dir)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="BadNets on the bundled digits, without defense and with ABL (no downloads)")
+    p.add_argument("--out", default="abl-demo", help="folder for the runs and the report (default: abl-demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, repeatable")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("list", help="list the registered datasets, models, attacks and defenses")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("report", help="list and compare runs; with --out, write a Markdown report with plots")
+    p.add_argument("runs", nargs="*", help="run ids (or unique prefixes); default: every run")
+    p.add_argument("--runs-dir", default="runs", help="results folder (default: runs)")
+    p.add_argument("--status", choices=["finished", "failed", "running"], help="only runs with this status")
+    p.add_argument("--out", help="write report.md and PNG plots into this folder")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AblError as exc:
+        print(f"abl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("abl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The one training loop every defense and baseline uses (the airbench/nanoGPT shape).
+
+A defense is a sequence of :meth:`Engine.run_phase` calls that differ only in their
+objective, the subset of examples they visit, augmentation and learning rates. Every
+phase records the loss of every example it trains on, at every epoch, straight from the
+training batches (no extra pass), so the report can show how fast poisoned and clean
+examples are learned (the ABL paper's Figure 6).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from abl.config import check
+from abl.data.loader import AugmentConfig, TensorLoader, to_float
+from abl.data.types import ImageSplit, PoisonedSet, TriggeredTestSet
+from abl.errors import ConfigError, DivergenceError
+from abl.metrics import evaluate
+
+#: objective(per_example_losses, indices) -> scalar loss to minimise
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def mean_loss(losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Plain cross-entropy training."""
+    return losses.mean()
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the training engine shared by every phase.
+
+    Parameters:
+        batch_size: training batch size (128 in the ABL paper).
+        eval_batch_size: batch size for ranking and evaluation (no gradients, so large).
+        momentum, weight_decay, nesterov: SGD settings (0.9, 1e-4, off in the paper).
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        amp: bf16 autocast on CUDA (ignored elsewhere).
+        channels_last: channels-last memory format on CUDA (ignored elsewhere).
+        compile: wrap the model in ``torch.compile`` for training steps.
+        eval_every: epochs between cheap evaluations on ``eval_subset`` test images
+            (0: only the full evaluation at the end of each phase).
+        eval_subset: test images used by the cheap per-epoch evaluation (0: all).
+        progress: show a progress bar.
+        threads: CPU threads for torch (0: torch's default).
+    """
+
+    batch_size: int = 128
+    eval_batch_size: int = 1024
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    eval_every: int = 1
+    eval_subset: int = 2000
+    progress: bool = True
+    threads: int = 0
+
+    def validate(self) -> None:
+        check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+        check(0.0 <= self.momentum < 1.0, "train.momentum", "must be in [0, 1)")
+        check(self.weight_decay >= 0.0, "train.weight_decay", "must be >= 0")
+        check(not self.nesterov or self.momentum > 0, "train.nesterov", "needs momentum > 0")
+        check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        check(self.eval_subset >= 0, "train.eval_subset", "must be >= 0")
+        check(self.threads >= 0, "train.threads", "must be >= 0")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"'train.device' {self.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("'train.device' asks for CUDA but no CUDA device is available; use auto or cpu")
+        return dev
+
+
+def step_lr(base_lr: float, epoch: int, milestones: tuple[int, ...] | list[int], factor: float) -> float:
+    """Learning rate at ``epoch`` (0-based, within a phase) of a step schedule."""
+    return base_lr * factor ** sum(1 for m in milestones if epoch >= m)
+
+
+class Engine:
+    """Trains one model on one poisoned set; keeps the per-example loss record and history."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data: PoisonedSet,
+        test: ImageSplit,
+        triggered: TriggeredTestSet | None,
+        cfg: TrainConfig,
+        *,
+        seed: int = 0,
+        on_epoch: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device = data.images.device
+        cuda = self.device.type == "cuda"
+        self.autocast_dtype = torch.bfloat16 if (cuda and cfg.amp) else None
+        self.channels_last = cuda and cfg.channels_last
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_model = torch.compile(self.model) if cfg.compile else self.model
+        self.data = data
+        self.test = ImageSplit(test.images.to(self.device), test.labels.to(self.device))
+        self.triggered = triggered
+        if triggered is not None:
+            self.triggered = TriggeredTestSet(*(t.to(self.device) for t in (triggered.images, triggered.true_labels, triggered.attack_labels)))
+        self.seed = seed
+        self.on_epoch = on_epoch
+        self.epoch = 0  # global epoch counter across phases
+        self.history: list[dict] = []
+        self.example_losses: list[torch.Tensor] = []  # one (N,) CPU tensor per epoch, NaN = not trained
+        self._phase_count = 0
+        gen = torch.Generator().manual_seed(seed)
+        self._eval_index = self._subset_index(len(self.test), gen)
+        self._eval_trig_index = self._subset_index(len(self.triggered), gen) if self.triggered is not None else None
+
+    def _subset_index(self, n: int, gen: torch.Generator) -> torch.Tensor | None:
+        k = self.cfg.eval_subset
+        if k == 0 or k >= n:
+            return None
+        return torch.randperm(n, generator=gen)[:k].to(self.device)
+
+    # -- building blocks -------------------------------------------------------------
+    def optimizer(self, lr: float) -> torch.optim.SGD:
+        c = self.cfg
+        return torch.optim.SGD(
+            self.model.parameters(), lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov
+        )
+
+    def _forward(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
+            return model(x)
+
+    @torch.no_grad()
+    def per_example_loss(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy of every example (or of ``index``) in eval mode, no augmentation,
+        in large batches: the ranking step of ABL. Returns a float32 tensor on the device."""
+        self.model.eval()
+        idx_all = index if index is not None else torch.arange(len(self.data), device=self.device)
+        out = torch.empty(len(idx_all), device=self.device, dtype=torch.float32)
+        bs = self.cfg.eval_batch_size
+        for s in range(0, len(idx_all), bs):
+            idx = idx_all[s : s + bs]
+            logits = self._forward(self.model, to_float(self.data.images[idx]))
+            out[s : s + bs] = F.cross_entropy(logits.float(), self.data.labels[idx], reduction="none")
+        self.model.train()
+        return out
+
+    def evaluate(self, full: bool = True) -> dict[str, float]:
+        """CA/ASR/RA on the whole test sets, or on the fixed per-epoch subsets."""
+        test, trig = self.test, self.triggered
+        if not full:
+            if self._eval_index is not None:
+                test = test.subset(self._eval_index)
+            if trig is not None and self._eval_trig_index is not None:
+                i = self._eval_trig_index
+                trig = TriggeredTestSet(trig.images[i], trig.true_labels[i], trig.attack_labels[i])
+        return evaluate(
+            self.model,
+            test,
+            trig,
+            batch_size=self.cfg.eval_batch_size,
+            device=self.device,
+            autocast_dtype=self.autocast_dtype,
+            channels_last=self.channels_last,
+        )
+
+    # -- the loop ------------------------------------------------------------------
+    def run_phase(
+        self,
+        phase: str,
+        *,
+        epochs: int,
+        lr: float,
+        objective: Objective = mean_loss,
+        optimizer: torch.optim.Optimizer | None = None,
+        milestones: tuple[int, ...] | list[int] = (),
+        lr_factor: float = 0.1,
+        index: torch.Tensor | None = None,
+        augment: AugmentConfig | None = None,
+        shuffle: bool = True,
+        paired: torch.Tensor | None = None,
+        paired_batch_size: int = 0,
+        batch_size: int | None = None,
+    ) -> torch.optim.Optimizer:
+        """Train ``epochs`` epochs minimising ``objective`` over ``index`` (default: all).
+
+        Returns the optimizer so that a following phase can carry its momentum over.
+        Raises :class:`DivergenceError` as soon as an epoch's loss is not finite.
+        """
+        opt = optimizer if optimizer is not None else self.optimizer(lr)
+        self._phase_count += 1
+        loader = TensorLoader(
+            self.data.images,
+            self.data.labels,
+            batch_size or self.cfg.batch_size,
+            index=index,
+            shuffle=shuffle,
+            augment=augment,
+            seed=self.seed * 1000 + self._phase_count,
+            paired=paired,
+            paired_batch_size=paired_batch_size,
+        )
+        n = len(self.data)
+        bar = _progress(range(epochs), phase, self.cfg.progress)
+        self.model.train()
+        for e in bar:
+            current_lr = step_lr(lr, e, milestones, lr_factor)
+            for group in opt.param_groups:
+                group["lr"] = current_lr
+            t0 = time.perf_counter()
+            seen = torch.full((n,), float("nan"), device=self.device)
+            loss_sum = torch.zeros((), device=self.device)
+            steps = 0
+            for x, y, idx in loader:
+                logits = self._forward(self.train_model, x)
+                losses = F.cross_entropy(logits.float(), y, reduction="none")
+                loss = objective(losses, idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                seen[idx] = losses.detach()
+                loss_sum += loss.detach()
+                steps += 1
+            train_loss = float(loss_sum) / max(steps, 1)
+            if not math.isfinite(train_loss):
+                raise DivergenceError(
+                    f"phase '{phase}' diverged at epoch {e + 1}: the training loss is {train_loss}; "
+                    f"lower its learning rate (was {current_lr:g}) or its number of epochs"
+                )
+            record = self._record(phase, e, current_lr, train_loss, time.perf_counter() - t0, seen, epochs)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "clean_acc", "asr")})
+        return opt
+
+    def _record(self, phase: str, e: int, lr: float, train_loss: float, seconds: float, seen: torch.Tensor, epochs: int) -> dict:
+        seen_cpu = seen.cpu()
+        self.example_losses.append(seen_cpu)
+        mask = self.data.poison_mask.cpu()
+        record: dict = {"phase": phase, "epoch": self.epoch, "phase_epoch": e, "lr": lr, "train_loss": train_loss, "time_s": seconds}
+        for name, sel in (("poison_loss", mask), ("clean_loss", ~mask)):
+            vals = seen_cpu[sel]
+            vals = vals[~vals.isnan()]
+            if len(vals):
+                record[name] = float(vals.mean())
+        last = e == epochs - 1
+        every = self.cfg.eval_every
+        if last or (every and (e + 1) % every == 0):
+            record.update(self.evaluate(full=last))
+        self.epoch += 1
+        self.history.append(record)
+        if self.on_epoch is not None:
+            self.on_epoch(record)
+        return record
+
+    def loss_matrix(self) -> torch.Tensor:
+        """The (epochs, N) per-example training-loss record (NaN where not trained)."""
+        if not self.example_losses:
+            return torch.empty(0, len(self.data))
+        return torch.stack(self.example_losses)
+
+
+def _progress(it: range, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)

@@ -1,0 +1,168 @@
+"""An experiment: dataset + model + attack + defense + engine settings, run into the store.
+
+This is the library entry point behind ``abl run``; it composes the registries and
+never holds component logic of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from abl.attacks import ATTACKS, Attack
+from abl.config import apply_overrides, build_dataclass, check, load_yaml, to_plain
+from abl.data.datasets import DATASETS  # noqa: F401  (registration)
+from abl.data.types import PoisonedSet
+from abl.defenses import DEFENSES, Defense
+from abl.engine import Engine, TrainConfig
+from abl.errors import ConfigError
+from abl.models import MODELS
+from abl.store import RunRecord, RunStore
+
+PREVIEW = 64  # isolated images stored with a run for the report's picture grid
+
+
+@dataclass
+class OutputConfig:
+    """Where results go: ``runs_dir`` holds the run folders and the SQLite index;
+    ``cache_dir`` the decoded dataset tensors (default ``$ABL_CACHE_DIR`` or ``~/.cache/abl``)."""
+
+    runs_dir: str = "runs"
+    cache_dir: str | None = None
+    save_model: bool = True
+
+
+@dataclass
+class Experiment:
+    """A fully built, validated experiment."""
+
+    name: str
+    seed: int
+    dataset: Any
+    model: Any
+    attack: Attack | None
+    defense: Defense
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def resolved(self) -> dict[str, Any]:
+        """The config with every default filled in, as saved beside the results."""
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "dataset": to_plain(self.dataset),
+            "model": to_plain(self.model),
+            "attack": to_plain(self.attack) if self.attack is not None else None,
+            "defense": to_plain(self.defense),
+            "train": to_plain(self.train),
+            "output": to_plain(self.output),
+        }
+
+
+TOP_LEVEL = ("name", "seed", "dataset", "model", "attack", "defense", "train", "output")
+
+
+def build_experiment(raw: dict[str, Any]) -> Experiment:
+    """Validate a raw config mapping (from YAML plus overrides) into an :class:`Experiment`."""
+    unknown = sorted(set(raw) - set(TOP_LEVEL))
+    if unknown:
+        raise ConfigError(f"unknown key '{unknown[0]}'; valid top-level keys: {', '.join(TOP_LEVEL)}")
+    for key in ("dataset", "model", "defense"):
+        if key not in raw:
+            raise ConfigError(f"'{key}' is required (a mapping with a 'name'; see `abl list`)")
+    name = raw.get("name", "experiment")
+    seed = raw.get("seed", 0)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"'name' must be a non-empty string, got {name!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"'seed' must be an integer, got {seed!r}")
+    attack_raw = raw.get("attack")
+    attack = None
+    if attack_raw not in (None, "none"):
+        attack_spec = dict(attack_raw) if isinstance(attack_raw, dict) else attack_raw
+        if isinstance(attack_spec, dict):
+            attack_spec.setdefault("seed", seed)
+        attack = ATTACKS.create(attack_spec, "attack")
+    exp = Experiment(
+        name=name,
+        seed=seed,
+        dataset=DATASETS.create(raw["dataset"], "dataset"),
+        model=MODELS.create(raw["model"], "model"),
+        attack=attack,
+        defense=DEFENSES.create(raw["defense"], "defense"),
+        train=build_dataclass(TrainConfig, raw.get("train") or {}, "train"),
+        output=build_dataclass(OutputConfig, raw.get("output") or {}, "output"),
+    )
+    check(exp.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    return exp
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> Experiment:
+    """Read a YAML config (or start from ``base``), apply ``key=value`` overrides, validate."""
+    raw = load_yaml(path) if path is not None else dict(base or {})
+    return build_experiment(apply_overrides(raw, list(overrides or [])))
+
+
+def run_experiment(
+    exp: Experiment,
+    store: RunStore | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> RunRecord:
+    """Load, poison once, train with the defense, and record everything in the store.
+
+    A run that raises (bad data, divergence, Ctrl-C) is marked failed, never finished.
+    """
+    store = store or RunStore(exp.output.runs_dir)
+    if exp.train.threads:
+        torch.set_num_threads(exp.train.threads)
+    device = exp.train.resolve_device()
+    t_start = time.perf_counter()
+    splits = exp.dataset.load(Path(exp.output.cache_dir) if exp.output.cache_dir else None)
+    n_classes, size = splits.num_classes, splits.image_size
+
+    triggered = None
+    if exp.attack is not None:
+        exp.attack.setup(size, n_classes)
+        data = exp.attack.poison(splits.train, device)
+        triggered = exp.attack.triggered_test(splits.test, device)
+    else:
+        labels = splits.train.labels.to(device)
+        data = PoisonedSet(
+            splits.train.images.to(device), labels, labels.clone(), torch.zeros(len(labels), dtype=torch.bool, device=device)
+        )
+
+    torch.manual_seed(exp.seed)
+    model = exp.model.build(n_classes, size)
+    resolved = exp.resolved()
+    resolved["device"] = str(device)
+    writer = store.create_run(resolved, name=exp.name, seed=exp.seed)
+
+    def log(record: dict) -> None:
+        writer.log_epoch(record)
+        if on_epoch is not None:
+            on_epoch(record)
+
+    with writer:
+        mask = data.poison_mask.cpu()
+        writer.save_array("poison_mask", mask.numpy())
+        writer.save_array("poison_indices", mask.nonzero().squeeze(1).numpy())
+        if exp.attack is not None and exp.attack.artefacts():
+            writer.save_tensors("trigger", {k: v.contiguous() for k, v in exp.attack.artefacts().items()})
+        engine = Engine(model, data, splits.test, triggered, exp.train, seed=exp.seed, on_epoch=log)
+        result = exp.defense.run(engine)
+        writer.save_array("example_losses", engine.loss_matrix().numpy().astype(np.float32))
+        if result.isolated is not None:
+            iso = result.isolated
+            writer.save_array("isolated_indices", iso.numpy())
+            writer.save_array("isolated_losses", result.isolated_losses.numpy().astype(np.float32))
+            writer.save_array("isolated_is_poison", mask[iso].numpy())
+            writer.save_array("isolated_images", data.images[iso[:PREVIEW].to(device)].cpu().numpy())
+        if exp.output.save_model:
+            writer.save_tensors("model", {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+        writer.finish(result.metrics, wall_s=time.perf_counter() - t_start)
+    return store.get(writer.run_id)

@@ -1,0 +1,13 @@
+"""Every component registry, with all built-in components registered."""
+
+from __future__ import annotations
+
+from abl.attacks import ATTACKS
+from abl.data.datasets import DATASETS
+from abl.defenses import DEFENSES
+from abl.models import MODELS
+from abl.registry import Registry
+
+
+def all_registries() -> dict[str, Registry]:
+    return {"dataset": DATASETS, "model": MODELS, "attack": ATTACKS, "defense": DEFENSES}

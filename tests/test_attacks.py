@@ -1,0 +1,195 @@
+"""Contract tests over every registered attack, plus each attack's own trigger facts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from abl.attacks import ATTACKS
+from abl.data.types import ImageSplit
+from abl.errors import ConfigError, DataError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TROJAN_FILE = SHARED / "triggers" / "abl-official-trojan-cifar10.npz"
+SIG_FILE = SHARED / "triggers" / "abl-official-sig-cifar10.npy"
+
+
+def _trigger_file(name: str) -> Path:
+    path = TROJAN_FILE if name == "trojan" else SIG_FILE
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: the attack tests need ../shared/data/triggers beside the repo")
+    return path
+
+
+def make_attack(name: str, **params):
+    spec = {"name": name, **params}
+    if name == "trojan":
+        spec.setdefault("trigger_file", str(_trigger_file("trojan")))
+    attack = ATTACKS.create(spec)
+    attack.setup(32, 10)
+    return attack
+
+
+def split(n: int = 600, seed: int = 0) -> ImageSplit:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.arange(n) % 10
+    return ImageSplit(images, labels)
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+class TestAttackContract:
+    def test_apply_keeps_shape_range_dtype(self, name):
+        attack = make_attack(name)
+        x = torch.rand(8, 3, 32, 32)
+        y = attack.apply(x.clone())
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+        assert not torch.equal(x, y), "the trigger must change the images"
+
+    def test_apply_is_deterministic_and_batch_independent(self, name):
+        attack = make_attack(name)
+        x = torch.rand(6, 3, 32, 32)
+        a = attack.apply(x.clone())
+        b = torch.cat([attack.apply(x[:2].clone()), attack.apply(x[2:].clone())])
+        assert torch.allclose(a, b)
+
+    def test_poison_rate_honoured_and_recorded(self, name):
+        attack = make_attack(name, rate=0.05)
+        data = attack.poison(split())
+        assert int(data.poison_mask.sum()) == round(0.05 * 600)
+        assert data.images.dtype == torch.uint8 and data.images.shape == (600, 3, 32, 32)
+        clean = ~data.poison_mask
+        original = split()
+        assert torch.equal(data.images[clean], original.images[clean]), "unpoisoned images must be untouched"
+        assert torch.equal(data.labels[clean], original.labels[clean])
+        assert torch.equal(data.true_labels, original.labels)
+        changed = (data.images[data.poison_mask] != original.images[data.poison_mask]).flatten(1).any(1)
+        assert bool(changed.all()), "every poisoned image must carry the trigger"
+
+    def test_labels(self, name):
+        attack = make_attack(name, rate=0.05, target=3)
+        data = attack.poison(split())
+        poisoned = data.poison_mask
+        if attack.clean_label:
+            assert bool((data.true_labels[poisoned] == 3).all()), "clean-label attacks poison target-class images only"
+            assert torch.equal(data.labels, data.true_labels)
+        else:
+            assert bool((data.labels[poisoned] == 3).all())
+            assert bool((data.true_labels[poisoned] != 3).all())
+
+    def test_seed_determinism(self, name):
+        a = make_attack(name, seed=1, rate=0.05).poison(split())
+        b = make_attack(name, seed=1, rate=0.05).poison(split())
+        c = make_attack(name, seed=2, rate=0.05).poison(split())
+        assert torch.equal(a.poison_mask, b.poison_mask) and torch.equal(a.images, b.images)
+        assert not torch.equal(a.poison_mask, c.poison_mask)
+
+    def test_triggered_test_excludes_target(self, name):
+        attack = make_attack(name, target=2)
+        test = split(200, seed=5)
+        trig = attack.triggered_test(test)
+        assert len(trig) == int((test.labels != 2).sum())
+        assert bool((trig.true_labels != 2).all()) and bool((trig.attack_labels == 2).all())
+        assert trig.images.dtype == torch.uint8
+
+    def test_invalid_rate_names_the_key(self, name):
+        with pytest.raises(ConfigError, match="attack.rate"):
+            make_attack(name, rate=1.5)
+
+    def test_target_out_of_range(self, name):
+        attack = ATTACKS.create({"name": name, "target": 12, **({"trigger_file": str(_trigger_file("trojan"))} if name == "trojan" else {})})
+        with pytest.raises(ConfigError, match="attack.target"):
+            attack.setup(32, 10)
+
+    def test_artefacts_are_tensors(self, name):
+        attack = make_attack(name)
+        arts = attack.artefacts()
+        assert arts and all(isinstance(v, torch.Tensor) for v in arts.values())
+
+
+def test_badnets_is_the_authors_grid():
+    attack = make_attack("badnets")
+    y = (attack.apply(torch.zeros(1, 3, 32, 32)) * 255).round().to(torch.uint8)[0]
+    expected = torch.tensor([[0, 0, 255], [0, 255, 0], [255, 0, 255]], dtype=torch.uint8)
+    for c in range(3):
+        assert torch.equal(y[c, 29:, 29:], expected)
+    assert int(y[:, :29].sum()) == 0 and int(y[:, :, :29].sum()) == 0
+
+
+def test_badnets_size_and_position():
+    attack = make_attack("badnets", size=4, position=[2, 5], pattern="white")
+    y = attack.apply(torch.zeros(1, 3, 32, 32))[0]
+    assert float(y[:, 2:6, 5:9].min()) == 1.0
+    assert float(y.sum()) == 3 * 16
+    with pytest.raises(ConfigError, match="attack.position"):
+        make_attack("badnets", size=4, position=[30, 30])
+
+
+def test_all2all_relabels_to_next_class():
+    attack = make_attack("badnets", labelling="all2all", rate=0.2)
+    data = attack.poison(split())
+    m = data.poison_mask
+    assert torch.equal(data.labels[m], (data.true_labels[m] + 1) % 10)
+    trig = attack.triggered_test(split(100))
+    assert len(trig) == 100 and torch.equal(trig.attack_labels, (trig.true_labels + 1) % 10)
+
+
+def test_blend_is_a_convex_mix():
+    attack = make_attack("blend", alpha=0.2)
+    x = torch.rand(2, 3, 32, 32)
+    y = attack.apply(x.clone())
+    assert torch.allclose(y, 0.8 * x + 0.2 * attack.pattern_image)
+
+
+def test_trojan_matches_the_authors_file():
+    attack = make_attack("trojan")
+    raw = np.load(_trigger_file("trojan"))["x"]
+    x = torch.zeros(1, 3, 32, 32)
+    y = attack.apply(x)[0].numpy()
+    assert np.allclose(y * 255, np.clip(raw, 0, 255), atol=1e-3)
+    assert y[:, 25:28, 25:28].max() > 0 and y[:, :25].max() == 0
+
+
+def test_trojan_requires_a_file(tmp_path):
+    with pytest.raises(ConfigError, match="attack.trigger_file"):
+        ATTACKS.create({"name": "trojan"})
+    attack = ATTACKS.create({"name": "trojan", "trigger_file": str(tmp_path / "nope.npz")})
+    with pytest.raises(DataError, match="does not exist"):
+        attack.setup(32, 10)
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"not an array")
+    attack = ATTACKS.create({"name": "trojan", "trigger_file": str(bad)})
+    with pytest.raises(DataError, match="cannot read"):
+        attack.setup(32, 10)
+
+
+def test_sig_signal_and_the_authors_file():
+    attack = make_attack("sig")
+    j = torch.arange(32, dtype=torch.float32)
+    expected = 20 * torch.sin(2 * torch.pi * j * 6 / 32)
+    assert torch.allclose(attack.signal[1, 7] * 255, expected, atol=1e-4)
+    # The authors' uint8 file wrapped negative values to 236-255; read as signed it is 20*sin(0.8 j).
+    official = make_attack("sig", pattern_file=str(_trigger_file("sig")))
+    row = official.signal[0, 0] * 255
+    assert float(row.min()) < -15 and float(row.max()) > 15
+    assert torch.allclose(row, (20 * torch.sin(0.8 * j)).trunc(), atol=1.0)
+
+
+def test_clean_label_rate_cannot_exceed_target_class():
+    attack = make_attack("sig", rate=0.5)
+    with pytest.raises(ConfigError, match="target-class"):
+        attack.poison(split())
+
+
+def test_unknown_attack_lists_known():
+    with pytest.raises(ConfigError, match="known attacks: badnets"):
+        ATTACKS.create({"name": "nope"})
+
+
+def test_unknown_param_names_key():
+    with pytest.raises(ConfigError, match="attack.sizee"):
+        ATTACKS.create({"name": "badnets", "sizee": 3})

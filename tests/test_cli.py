@@ -1,0 +1,157 @@
+"""The command line: every bad input gives one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from abl.cli import main
+from abl.store import RunStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def write_config(tmp_path: Path, **over) -> Path:
+    cfg = {
+        "name": "cli-test",
+        "dataset": {"name": "digits"},
+        "model": {"name": "small_cnn", "width": 8},
+        "attack": {"name": "badnets", "rate": 0.1},
+        "defense": {"name": "none", "epochs": 1},
+        "train": {"progress": False, "batch_size": 128},
+        "output": {"runs_dir": str(tmp_path / "runs")},
+    }
+    cfg.update(over)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got: {err!r}"
+    assert lines[0].startswith("abl: error: ")
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+
+
+def test_list_shows_every_registry(capsys):
+    code, out, _ = run_cli(["list"], capsys)
+    assert code == 0
+    for word in ("badnets", "sig", "trojan", "blend", "abl", "none", "wrn", "resnet34", "cifar10", "gtsrb", "digits", "imagefolder"):
+        assert word in out
+
+
+def test_run_records_a_finished_run(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    code, out, err = run_cli(["run", str(cfg), "--set", "defense.epochs=2", "--set", "name=override"], capsys)
+    assert code == 0, err
+    runs = RunStore(tmp_path / "runs").list_runs()
+    assert len(runs) == 1 and runs[0].status == "finished" and runs[0].name == "override"
+    rec = runs[0]
+    assert rec.config["defense"]["epochs"] == 2
+    assert isinstance(rec.final_metrics["clean_acc"], float)
+    assert rec.array("example_losses").shape[0] == 2
+    assert rec.array("poison_mask").sum() == round(0.1 * len(rec.array("poison_mask")))
+    assert (rec.path / "model.safetensors").is_file() and (rec.path / "config.yaml").is_file()
+    assert rec.meta["seed"] == 0 and rec.meta["abl_version"]
+    assert "override" in out and "finished" in out
+
+    code, out, _ = run_cli(["report", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")], capsys)
+    assert code == 0 and (tmp_path / "rep" / "report.md").is_file()
+    assert "override" in (tmp_path / "rep" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "over, needles",
+    [
+        ({"bogus": 1}, ["unknown key 'bogus'"]),
+        ({"attack": {"name": "badnet"}}, ["unknown attack 'badnet'", "badnets"]),
+        ({"defense": {"name": "abl", "gamma": "high"}}, ["defense.gamma"]),
+        ({"dataset": {"name": "cifar10", "root": "/nonexistent/cifar"}}, ["/nonexistent/cifar", "download"]),
+        ({"attack": {"name": "badnets", "target": 10}}, ["attack.target", "10 classes"]),
+        ({"attack": {"name": "trojan", "trigger_file": "/nonexistent/t.npz"}}, ["/nonexistent/t.npz"]),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, over, needles):
+    cfg = write_config(tmp_path, **over)
+    code, _, err = run_cli(["run", str(cfg)], capsys)
+    assert_one_line_error(code, err, *needles)
+    store = tmp_path / "runs"
+    if store.exists():
+        assert all(r.status != "finished" for r in RunStore(store).list_runs())
+
+
+def test_bad_override_and_missing_config(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    code, _, err = run_cli(["run", str(cfg), "--set", "train.batch_size=big"], capsys)
+    assert_one_line_error(code, err, "train.batch_size")
+    code, _, err = run_cli(["run", str(tmp_path / "missing.yaml")], capsys)
+    assert_one_line_error(code, err, "missing.yaml", "does not exist")
+
+
+def test_corrupt_image_names_the_file(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(d / f"{i}.png")
+    (root / "train" / "b" / "broken.png").write_bytes(b"\x89PNG garbage")
+    cfg = write_config(
+        tmp_path,
+        dataset={"name": "imagefolder", "root": str(root), "size": 16},
+        output={"runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")},
+    )
+    code, _, err = run_cli(["run", str(cfg)], capsys)
+    assert_one_line_error(code, err, "broken.png")
+
+
+def test_divergence_is_reported_and_run_marked_failed(tmp_path, capsys):
+    cfg = write_config(
+        tmp_path,
+        defense={
+            "name": "abl",
+            "isolation_epochs": 1,
+            "recovery_epochs": 0,
+            "unlearning": "ascent",
+            "unlearning_epochs": 30,
+            "unlearning_lr": 1e8,
+            "carry_momentum": False,
+        },
+        attack={"name": "badnets", "rate": 0.3},
+        train={"progress": False, "batch_size": 128, "eval_every": 0},
+    )
+    code, _, err = run_cli(["run", str(cfg)], capsys)
+    assert_one_line_error(code, err, "diverged")
+    runs = RunStore(tmp_path / "runs").list_runs()
+    assert [r.status for r in runs] == ["failed"]
+    assert not runs[0].metrics
+
+
+def test_report_on_missing_store(tmp_path, capsys):
+    code, _, err = run_cli(["report", "--runs-dir", str(tmp_path / "none")], capsys)
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_console_script_entry_point(tmp_path):
+    """The installed `abl` command exists and exits non-zero with one line on bad input."""
+    exe = Path(sys.executable).with_name("abl")
+    assert exe.is_file(), "pip install -e . must install the abl console script"
+    proc = subprocess.run([str(exe), "run", str(tmp_path / "x.yaml")], capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr

@@ -1,0 +1,82 @@
+"""Batched augmentation and the device-resident loader."""
+
+from __future__ import annotations
+
+import torch
+
+from abl.data.loader import AugmentConfig, TensorLoader, augment, cutout, random_crop, random_flip
+
+
+def test_random_crop_is_a_shift_with_zero_fill():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) + 1
+    gen = torch.Generator().manual_seed(0)
+    y = random_crop(x, 2, gen)
+    assert y.shape == x.shape
+    for i in range(2):
+        # every non-zero value of the crop sits at a constant offset from the source
+        nz = y[i] != 0
+        src = x[i][None].expand(1, -1, -1, -1)
+        found = False
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                shifted = torch.zeros_like(x[i])
+                ys, xs = slice(max(0, -dy), 8 - max(0, dy)), slice(max(0, -dx), 8 - max(0, dx))
+                yt, xt = slice(max(0, dy), 8 - max(0, -dy)), slice(max(0, dx), 8 - max(0, -dx))
+                shifted[:, ys, xs] = src[0][:, yt, xt]
+                found |= torch.equal(shifted, y[i])
+        assert found and bool(nz.any())
+
+
+def test_flip_mirrors_about_half():
+    x = torch.rand(400, 3, 4, 4)
+    y = random_flip(x, torch.Generator().manual_seed(0))
+    flipped = (y == x.flip(3)).flatten(1).all(1)
+    kept = (y == x).flatten(1).all(1)
+    assert bool((flipped | kept).all())
+    assert 150 < int(flipped.sum()) < 250
+
+
+def test_cutout_zeros_one_clipped_square():
+    x = torch.ones(50, 3, 32, 32)
+    y = cutout(x, 9, torch.Generator().manual_seed(0))
+    zeros = (y[:, 0] == 0).flatten(1).sum(1)
+    assert bool((zeros <= 81).all()) and bool((zeros > 0).all())
+    assert bool((y[:, 0] == y[:, 1]).all()), "the same hole on every channel"
+
+
+def test_augment_changes_batch_keeps_shape():
+    x = torch.rand(16, 3, 32, 32)
+    y = augment(x, AugmentConfig(), torch.Generator().manual_seed(1))
+    assert y.shape == x.shape and not torch.equal(x, y)
+
+
+def test_loader_covers_subset_once_per_epoch():
+    images = torch.randint(0, 256, (100, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(100) % 10
+    subset = torch.arange(0, 100, 3)
+    loader = TensorLoader(images, labels, 8, index=subset, seed=0)
+    seen = torch.cat([idx for _, _, idx in loader])
+    assert sorted(seen.tolist()) == subset.tolist()
+    for x, y, idx in loader:
+        assert x.dtype == torch.float32 and float(x.max()) <= 1.0
+        assert torch.equal(y, labels[idx]) and torch.allclose(x, images[idx].float() / 255)
+
+
+def test_loader_pairs_a_second_subset_every_batch():
+    images = torch.zeros(50, 3, 4, 4, dtype=torch.uint8)
+    labels = torch.zeros(50, dtype=torch.long)
+    iso = torch.tensor([1, 2, 3])
+    loader = TensorLoader(images, labels, 2, index=iso, paired=torch.arange(10, 50), paired_batch_size=5, seed=0)
+    batches = [idx for _, _, idx in loader]
+    assert len(batches) == 2
+    for idx in batches:
+        assert int((idx < 10).sum()) in (1, 2) and int((idx >= 10).sum()) == 5
+
+
+def test_loader_seeded_order():
+    images = torch.zeros(20, 3, 4, 4, dtype=torch.uint8)
+    labels = torch.zeros(20, dtype=torch.long)
+    a = [idx.tolist() for _, _, idx in TensorLoader(images, labels, 4, seed=3)]
+    b = [idx.tolist() for _, _, idx in TensorLoader(images, labels, 4, seed=3)]
+    c = [idx.tolist() for _, _, idx in TensorLoader(images, labels, 4, shuffle=False)]
+    assert a == b and c[0] == [0, 1, 2, 3]
