@@ -17,7 +17,7 @@ import torch
 from abl.attacks import ATTACKS, Attack
 from abl.config import apply_overrides, build_dataclass, check, load_yaml, to_plain
 from abl.data.datasets import DATASETS  # noqa: F401  (registration)
-from abl.data.types import PoisonedSet
+from abl.data.types import DatasetSplits, PoisonedSet
 from abl.defenses import DEFENSES, Defense
 from abl.engine import Engine, TrainConfig
 from abl.errors import ConfigError
@@ -38,6 +38,28 @@ class OutputConfig:
 
 
 @dataclass
+class SliceConfig:
+    """Train/test on a seeded random subset (``None``: all). For quick runs and CPU tests."""
+
+    train: int | None = None
+    test: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        check(self.train is None or self.train >= 1, "slice.train", "must be >= 1 or null")
+        check(self.test is None or self.test >= 1, "slice.test", "must be >= 1 or null")
+
+    def apply(self, splits: DatasetSplits) -> DatasetSplits:
+        gen = torch.Generator().manual_seed(self.seed)
+        train, test = splits.train, splits.test
+        if self.train is not None and self.train < len(train):
+            train = train.subset(torch.randperm(len(train), generator=gen)[: self.train])
+        if self.test is not None and self.test < len(test):
+            test = test.subset(torch.randperm(len(test), generator=gen)[: self.test])
+        return DatasetSplits(splits.name, train, test, splits.num_classes, splits.class_names, splits.source)
+
+
+@dataclass
 class Experiment:
     """A fully built, validated experiment."""
 
@@ -49,6 +71,7 @@ class Experiment:
     defense: Defense
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    slice: SliceConfig = field(default_factory=SliceConfig)
 
     def resolved(self) -> dict[str, Any]:
         """The config with every default filled in, as saved beside the results."""
@@ -61,10 +84,11 @@ class Experiment:
             "defense": to_plain(self.defense),
             "train": to_plain(self.train),
             "output": to_plain(self.output),
+            "slice": to_plain(self.slice),
         }
 
 
-TOP_LEVEL = ("name", "seed", "dataset", "model", "attack", "defense", "train", "output")
+TOP_LEVEL = ("name", "seed", "dataset", "model", "attack", "defense", "train", "output", "slice")
 
 
 def build_experiment(raw: dict[str, Any]) -> Experiment:
@@ -97,8 +121,8 @@ def build_experiment(raw: dict[str, Any]) -> Experiment:
         defense=DEFENSES.create(raw["defense"], "defense"),
         train=build_dataclass(TrainConfig, raw.get("train") or {}, "train"),
         output=build_dataclass(OutputConfig, raw.get("output") or {}, "output"),
+        slice=build_dataclass(SliceConfig, raw.get("slice") or {}, "slice"),
     )
-    check(exp.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     return exp
 
 
@@ -122,7 +146,7 @@ def run_experiment(
         torch.set_num_threads(exp.train.threads)
     device = exp.train.resolve_device()
     t_start = time.perf_counter()
-    splits = exp.dataset.load(Path(exp.output.cache_dir) if exp.output.cache_dir else None)
+    splits = exp.slice.apply(exp.dataset.load(Path(exp.output.cache_dir) if exp.output.cache_dir else None))
     n_classes, size = splits.num_classes, splits.image_size
 
     triggered = None

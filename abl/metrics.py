@@ -62,6 +62,8 @@ def isolation_metrics(isolated: torch.Tensor, poison_mask: torch.Tensor) -> dict
     iso = isolated.cpu().long()
     tp = int(mask[iso].sum()) if len(iso) else 0
     n_poison = int(mask.sum())
+    if n_poison == 0:  # no ground truth (a clean or real-world dataset): nothing to score
+        return {"iso_precision": float("nan"), "iso_recall": float("nan"), "iso_count": float(len(iso))}
     return {
         "iso_precision": tp / len(iso) if len(iso) else float("nan"),
         "iso_recall": tp / n_poison if n_poison else float("nan"),
