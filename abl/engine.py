@@ -201,9 +201,11 @@ class Engine:
         paired: torch.Tensor | None = None,
         paired_batch_size: int = 0,
         batch_size: int | None = None,
+        after_epoch: Callable[[int], None] | None = None,
     ) -> torch.optim.Optimizer:
         """Train ``epochs`` epochs minimising ``objective`` over ``index`` (default: all).
 
+        ``after_epoch(e)`` runs after each epoch's record (e.g. a ranking pass).
         Returns the optimizer so that a following phase can carry its momentum over.
         Raises :class:`DivergenceError` as soon as an epoch's loss is not finite.
         """
@@ -248,6 +250,8 @@ class Engine:
                     f"lower its learning rate (was {current_lr:g}) or its number of epochs"
                 )
             record = self._record(phase, e, current_lr, train_loss, time.perf_counter() - t0, seen, epochs)
+            if after_epoch is not None:
+                after_epoch(e)
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "clean_acc", "asr")})
         return opt
 

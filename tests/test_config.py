@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -138,3 +139,18 @@ def test_yaml_errors(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_yaml(lst)
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_example_configs_exist():
+    names = {p.stem for p in CONFIGS}
+    for attack in ("badnets", "blend", "trojan", "sig"):
+        assert f"cifar10-{attack}-abl" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_example_configs_validate(path):
+    exp = build_experiment(load_yaml(path))
+    assert exp.resolved()["dataset"]["name"] in ("cifar10", "gtsrb", "imagefolder")

@@ -34,6 +34,7 @@ PRESETS: dict[str, dict[str, object]] = {
         isolation_epochs=20,
         isolation_lr=0.1,
         isolation_shuffle=True,
+        rank_epochs=1,
         recovery_epochs=60,
         recovery_lr=0.1,
         recovery_milestones=[40],
@@ -49,6 +50,7 @@ PRESETS: dict[str, dict[str, object]] = {
         isolation_epochs=10,
         isolation_lr=0.1,
         isolation_shuffle=False,
+        rank_epochs=1,
         recovery_epochs=60,
         recovery_lr=0.1,
         recovery_milestones=[40],
@@ -137,6 +139,11 @@ class ABL(Defense):
         isolation_epochs: the turning epoch ``T_te`` (paper 20, official 10).
         isolation_lr: learning rate before the turning epoch (0.1; GTSRB 0.01).
         isolation_shuffle: shuffle during isolation (the authors' loader does not).
+        rank_epochs: rank by the eval-mode loss averaged over the last this many isolation
+            epochs (both presets: 1, ranking once at the turning epoch as the paper does).
+            On small or unconverged runs the model's class bias swings from epoch to
+            epoch and drags a clean class's losses below the poisoned ones at a single
+            epoch; averaging over 3 epochs removed that in our measurements.
         recovery_epochs, recovery_lr, recovery_milestones, recovery_lr_factor: the middle
             stage (60 epochs at 0.1, x0.1 from its epoch 40; the appendix gives no schedule,
             this is the authors').
@@ -161,6 +168,7 @@ class ABL(Defense):
     isolation_epochs: int | None = None
     isolation_lr: float | None = None
     isolation_shuffle: bool | None = None
+    rank_epochs: int | None = None
     recovery_epochs: int | None = None
     recovery_lr: float | None = None
     recovery_milestones: list[int] | None = None
@@ -180,6 +188,11 @@ class ABL(Defense):
         check(self.gamma >= 0, "defense.gamma", "must be >= 0")
         check(0 < self.isolation_rate < 1, "defense.isolation_rate", f"must be in (0, 1), got {self.isolation_rate}")
         check(self.isolation_epochs >= 1, "defense.isolation_epochs", "must be >= 1")  # type: ignore[operator]
+        check(
+            1 <= self.rank_epochs <= self.isolation_epochs,  # type: ignore[operator]
+            "defense.rank_epochs",
+            f"must be between 1 and isolation_epochs ({self.isolation_epochs})",
+        )
         check(self.recovery_epochs >= 0, "defense.recovery_epochs", "must be >= 0")  # type: ignore[operator]
         check(self.unlearning_epochs >= 0, "defense.unlearning_epochs", "must be >= 0")  # type: ignore[operator]
         for name in ("isolation_lr", "recovery_lr", "unlearning_lr"):
@@ -190,10 +203,9 @@ class ABL(Defense):
     def total_epochs(self) -> int:
         return int(self.isolation_epochs) + int(self.recovery_epochs) + int(self.unlearning_epochs)  # type: ignore[arg-type]
 
-    def isolate(self, engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rank every training example by its eval-mode loss; return the lowest
-        ``isolation_rate`` fraction (indices, losses), lowest first."""
-        losses = engine.per_example_loss()
+    def isolate(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lowest ``isolation_rate`` fraction of per-example ``losses``: (indices, losses),
+        lowest first."""
         k = max(1, int(len(losses) * self.isolation_rate))
         order = torch.argsort(losses, stable=True)[:k]
         return order, losses[order]
@@ -203,14 +215,22 @@ class ABL(Defense):
         device = engine.device
         metrics: dict[str, dict[str, float]] = {}
 
+        ranked: list[torch.Tensor] = []
+        first_rank = int(self.isolation_epochs) - int(self.rank_epochs)  # type: ignore[arg-type]
+
+        def rank(e: int) -> None:
+            if e >= first_rank:
+                ranked.append(engine.per_example_loss())
+
         engine.run_phase(
             "isolation",
             epochs=self.isolation_epochs,  # type: ignore[arg-type]
             lr=self.isolation_lr,  # type: ignore[arg-type]
             objective=ISOLATION_LOSSES[self.isolation_loss](self.gamma),  # type: ignore[index]
             shuffle=bool(self.isolation_shuffle),
+            after_epoch=rank,
         )
-        isolated, isolated_losses = self.isolate(engine)
+        isolated, isolated_losses = self.isolate(torch.stack(ranked).mean(0))
         iso = isolation_metrics(isolated, engine.data.poison_mask)
         metrics["isolation"] = {**phase_metrics(engine), **iso}
 
