@@ -33,6 +33,7 @@ NO_DEFENSE = {"name": "none", "epochs": 12, "lr": 0.05, "milestones": [10]}
 ABL_SHORT = {
     "name": "abl",
     "preset": "paper",
+    "isolation_loss": "lga_batch",
     "isolation_epochs": 12,
     "isolation_lr": 0.05,
     "rank_epochs": 3,
