@@ -52,11 +52,14 @@ class SliceConfig:
     def apply(self, splits: DatasetSplits) -> DatasetSplits:
         gen = torch.Generator().manual_seed(self.seed)
         train, test = splits.train, splits.test
+        files = splits.train_files
         if self.train is not None and self.train < len(train):
-            train = train.subset(torch.randperm(len(train), generator=gen)[: self.train])
+            keep = torch.randperm(len(train), generator=gen)[: self.train]
+            train = train.subset(keep)
+            files = [files[i] for i in keep.tolist()] if files is not None else None
         if self.test is not None and self.test < len(test):
             test = test.subset(torch.randperm(len(test), generator=gen)[: self.test])
-        return DatasetSplits(splits.name, train, test, splits.num_classes, splits.class_names, splits.source)
+        return DatasetSplits(splits.name, train, test, splits.num_classes, splits.class_names, splits.source, files)
 
 
 @dataclass
@@ -184,8 +187,11 @@ def run_experiment(
             iso = result.isolated
             writer.save_array("isolated_indices", iso.numpy())
             writer.save_array("isolated_losses", result.isolated_losses.numpy().astype(np.float32))
-            writer.save_array("isolated_is_poison", mask[iso].numpy())
+            if exp.attack is not None:  # otherwise there is no ground truth to compare with
+                writer.save_array("isolated_is_poison", mask[iso].numpy())
             writer.save_array("isolated_images", data.images[iso[:PREVIEW].to(device)].cpu().numpy())
+            if splits.train_files is not None:
+                writer.save_array("isolated_files", np.array([splits.train_files[i] for i in iso.tolist()], dtype=np.str_))
         if exp.output.save_model:
             writer.save_tensors("model", {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
         writer.finish(result.metrics, wall_s=time.perf_counter() - t_start)

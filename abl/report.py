@@ -49,6 +49,7 @@ DEFAULT_COLUMNS = ["run", "dataset", "model", "attack", "defense", "status",
 MAX_TILES = 64
 _POISON_RGB = (0, 170, 0)
 _CLEAN_RGB = (215, 25, 28)
+_UNKNOWN_RGB = (128, 128, 128)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -286,10 +287,12 @@ def _tile(image: np.ndarray, scale: int, rgb: tuple[int, int, int], border: int)
 
 def plot_isolated(rec: RunRecord, path: Path) -> str | None:
     """A grid of isolated examples, bordered green (poisoned) or red (clean)."""
-    if not (rec.has_array("isolated_images") and rec.has_array("isolated_is_poison")):
+    if not rec.has_array("isolated_images"):
         return "no isolated examples recorded"
     images = rec.array("isolated_images")
-    is_poison = rec.array("isolated_is_poison").astype(bool)
+    # Without a known attack there is no ground truth: grey borders, no poison count.
+    known = rec.has_array("isolated_is_poison")
+    is_poison = rec.array("isolated_is_poison").astype(bool) if known else np.zeros(len(images), dtype=bool)
     if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.transpose(0, 3, 1, 2)  # tolerate channels-last
     if images.ndim != 4 or images.shape[1] not in (1, 3) or is_poison.shape != (images.shape[0],):
@@ -309,21 +312,25 @@ def plot_isolated(rec: RunRecord, path: Path) -> str | None:
     fig = _new_figure(1.15 * cols + 0.2, 1.3 * rows + 0.6)
     for i in range(k):
         ax = fig.add_subplot(rows, cols, i + 1)
-        rgb = _POISON_RGB if is_poison[i] else _CLEAN_RGB
+        rgb = (_POISON_RGB if is_poison[i] else _CLEAN_RGB) if known else _UNKNOWN_RGB
         ax.imshow(_tile(images[i], scale, rgb, border), interpolation="nearest")
         ax.set_title(f"#{int(indices[i])}", fontsize=7, pad=2)
         ax.set_axis_off()
     shown = f"first {k} of {len(images)}" if k < len(images) else f"{k}"
-    fig.suptitle(f"{rec.name}: isolated examples ({shown}; {int(is_poison[:k].sum())} poisoned)\n"
-                 "green border = poisoned, red = clean", fontsize=9)
+    if known:
+        fig.suptitle(f"{rec.name}: isolated examples ({shown}; {int(is_poison[:k].sum())} poisoned)\n"
+                     "green border = poisoned, red = clean", fontsize=9)
+    else:
+        fig.suptitle(f"{rec.name}: isolated (suspicious) examples ({shown}), lowest loss first", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
     return None
 
 
 def write_isolated_csv(rec: RunRecord, path: Path) -> bool:
-    """``index,loss,is_poison`` per isolated example; False (nothing written) if none recorded."""
-    names = ("isolated_indices", "isolated_is_poison", "isolated_losses")
+    """``index,loss,is_poison,file`` per isolated example (``is_poison`` empty when the run had
+    no known attack, ``file`` empty for datasets not read from files); False if none recorded."""
+    names = ("isolated_indices", "isolated_is_poison", "isolated_losses", "isolated_files")
     arrays = {n: rec.array(n).reshape(-1) for n in names if rec.has_array(n)}
     if "isolated_indices" not in arrays and "isolated_is_poison" not in arrays:
         return False
@@ -335,12 +342,14 @@ def write_isolated_csv(rec: RunRecord, path: Path) -> bool:
 
     with open(path, "w", newline="", encoding="utf-8") as f:
         out = csv.writer(f)
-        out.writerow(["index", "loss", "is_poison"])
+        out.writerow(["index", "loss", "is_poison", "file"])
         for i in range(k):
             index, loss, poison = at("isolated_indices", i), at("isolated_losses", i), at("isolated_is_poison", i)
+            file = at("isolated_files", i)
             out.writerow(["" if index is None else int(index),
                           "" if loss is None else f"{float(loss):.6g}",
-                          "" if poison is None else str(bool(poison)).lower()])
+                          "" if poison is None else str(bool(poison)).lower(),
+                          "" if file is None else str(file)])
     return True
 
 

@@ -155,3 +155,37 @@ def test_console_script_entry_point(tmp_path):
     assert exe.is_file(), "pip install -e . must install the abl console script"
     proc = subprocess.run([str(exe), "run", str(tmp_path / "x.yaml")], capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
+
+
+def test_own_images_without_attack_lists_isolated_files(tmp_path, capsys):
+    """The practitioner's flow: an image folder, no known attack; the isolated examples
+    come back as file paths (also when the dataset is read from the cache)."""
+    root = tmp_path / "mine"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("val", 6)):
+        for c in ("cats", "dogs"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(d / f"{c}{i}.png")
+    cfg = write_config(
+        tmp_path,
+        dataset={"name": "imagefolder", "root": str(root), "size": 16},
+        attack=None,
+        defense={"name": "abl", "isolation_epochs": 1, "recovery_epochs": 1, "unlearning_epochs": 1, "isolation_rate": 0.1},
+        output={"runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")},
+    )
+    for _ in range(2):  # the second run reads the decoded dataset from the cache
+        code, _, err = run_cli(["run", str(cfg)], capsys)
+        assert code == 0, err
+    store = RunStore(tmp_path / "runs")
+    for rec in store.list_runs():
+        files = rec.array("isolated_files")
+        assert len(files) == 6 and all(str(f).startswith("train/") and (root / str(f)).is_file() for f in files)
+        assert not rec.has_array("isolated_is_poison")
+        assert rec.config["attack"] is None
+    code, _, _ = run_cli(["report", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")], capsys)
+    assert code == 0
+    csv_text = next((tmp_path / "rep").glob("*-isolated.csv")).read_text().splitlines()
+    assert csv_text[0] == "index,loss,is_poison,file"
+    assert csv_text[1].split(",")[2] == "" and csv_text[1].split(",")[3].startswith("train/")

@@ -105,7 +105,7 @@ def test_write_report(store_with_runs, tmp_path):
         _check_png(out / f"{a}-{suffix}.png")
     with open(out / f"{a}-isolated.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 12 and set(rows[0]) == {"index", "loss", "is_poison"}
+    assert len(rows) == 12 and set(rows[0]) == {"index", "loss", "is_poison", "file"}
     assert all(r["is_poison"] in ("true", "false") and math.isfinite(float(r["loss"])) for r in rows)
 
     # The run without artefacts gets skip lines, not figures.
@@ -144,7 +144,17 @@ def test_malformed_arrays_are_skipped(tmp_path):
         run.save_array("example_losses", np.ones((3, 5), dtype=np.float32))
         run.save_array("poison_mask", np.zeros(4, dtype=bool))  # wrong length
         run.save_array("isolated_images", np.zeros((2, 3, 4, 4), dtype=np.uint8))
-        run.finish({"final": {"clean_acc": 0.5}}, wall_s=1.0)  # no isolated_is_poison
+        run.finish({"final": {"clean_acc": 0.5}}, wall_s=1.0)  # no isolated_is_poison: no ground truth
     text = write_report(store, [run.run_id], tmp_path / "r").read_text()
     assert "per-example losses have shape (3, 5) but the poison mask (4,)" in text
+    # isolated images without ground truth (no known attack) are still drawn, unlabelled
+    assert f"]({run.run_id}-isolated.png)" in text
+    assert (tmp_path / "r" / f"{run.run_id}-isolated.png").stat().st_size > 0
+
+
+def test_no_isolated_images_is_a_skip_line(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    with store.create_run(CONFIG, name="plain", seed=0) as run:
+        run.finish({"final": {"clean_acc": 0.5}}, wall_s=1.0)
+    text = write_report(store, [run.run_id], tmp_path / "r").read_text()
     assert "no isolated examples recorded" in text

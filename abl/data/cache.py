@@ -102,12 +102,14 @@ def read_splits(path: Path, name: str) -> DatasetSplits:
         if missing:
             raise ValueError(f"missing array {missing[0]}")
         arrays = {k: npz[k] for k in _ARRAYS}
+        train_files = [str(f) for f in npz["train_files"].tolist()] if "train_files" in npz.files else None
     splits = DatasetSplits(
         name=name,
         train=ImageSplit(torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"])),
         test=ImageSplit(torch.from_numpy(arrays["test_images"]), torch.from_numpy(arrays["test_labels"])),
         num_classes=int(arrays["num_classes"]),
         class_names=[str(c) for c in arrays["class_names"].tolist()],
+        train_files=train_files,
     )
     splits.check()
     return splits
@@ -127,6 +129,7 @@ def write_splits(path: Path, splits: DatasetSplits) -> None:
                 test_labels=splits.test.labels.numpy(),
                 class_names=np.array([str(c) for c in splits.class_names], dtype=np.str_),
                 num_classes=np.array(splits.num_classes, dtype=np.int64),
+                **({"train_files": np.array(splits.train_files, dtype=np.str_)} if splits.train_files else {}),
             )
             f.flush()
             os.fsync(f.fileno())

@@ -440,7 +440,7 @@ class ImageFolder:
         self.validate()
         root, test = self._locate()
         fingerprint = [cache.tree_fingerprint(root / "train"), cache.tree_fingerprint(test)]
-        identity = {"root": str(root), "test": test.name, "size": self.size, "crop": "center"}
+        identity = {"root": str(root), "test": test.name, "size": self.size, "crop": "center", "files": True}
         splits = cache.load_cached("imagefolder", identity, fingerprint, lambda: self._build(root, test), cache_dir)
         if self.num_classes is not None and splits.num_classes != self.num_classes:
             raise DataError(
@@ -455,7 +455,8 @@ class ImageFolder:
         test_paths, test_labels, _ = imageio.scan_class_folders(test, classes, what="imagefolder")
         train = _split(imageio.decode_images(paths, self.size, crop=True), labels)
         test_split = _split(imageio.decode_images(test_paths, self.size, crop=True), test_labels)
-        return _finish(DatasetSplits("imagefolder", train, test_split, len(classes), classes), root)
+        files = [str(Path(p).relative_to(root)) for p in paths]
+        return _finish(DatasetSplits("imagefolder", train, test_split, len(classes), classes, train_files=files), root)
 
 
 __all__ = ["CIFAR10", "GTSRB", "Digits", "ImageFolder", "read_cifar_batches"]

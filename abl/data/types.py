@@ -47,6 +47,9 @@ class DatasetSplits:
     num_classes: int
     class_names: list[str] = field(default_factory=list)
     source: Path | None = None
+    #: for datasets read from files: each training image's path relative to ``source``,
+    #: so isolated examples can be traced back to the user's files.
+    train_files: list[str] | None = None
 
     @property
     def image_size(self) -> int:
