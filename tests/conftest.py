@@ -78,3 +78,15 @@ def cifar10_splits(cifar10_root: Path):
     from abl.data.datasets import CIFAR10
 
     return CIFAR10(root=str(cifar10_root)).load(cache_dir=TEST_CACHE)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Attack artefacts (surrogates, triggers) go to a per-session folder, never ~/.cache."""
+    old = os.environ.get("ABL_CACHE_DIR")
+    os.environ["ABL_CACHE_DIR"] = str(tmp_path_factory.mktemp("abl-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ABL_CACHE_DIR", None)
+    else:
+        os.environ["ABL_CACHE_DIR"] = old

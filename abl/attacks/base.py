@@ -46,6 +46,9 @@ class Attack:
 
     #: clean-label attacks poison only target-class images and keep every label.
     clean_label: ClassVar[bool] = False
+    #: attacks whose trigger is optimised on the training set: ``apply`` and
+    #: ``triggered_test`` work only after ``poison``.
+    needs_fit: ClassVar[bool] = False
 
     def validate(self) -> None:
         check(0.0 < self.rate < 1.0, "attack.rate", f"must be in (0, 1), got {self.rate}")

@@ -4,7 +4,7 @@ NDSS 2018): a masked trigger optimised against a clean model to excite chosen ne
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -15,7 +15,7 @@ from abl.data.loader import to_float
 from abl.data.types import ImageSplit, PoisonedSet, TriggeredTestSet
 from abl.errors import ConfigError
 
-_PROBE_IMAGES = 128  # clean images used to pick the neurons and to optimise the trigger
+_PROBE_IMAGES = 64  # clean images used to pick the neurons and to optimise the trigger
 
 
 @ATTACKS.register("trojannn")
@@ -32,7 +32,7 @@ class TrojanNN(Attack):
        property of the input region, so here the ``neurons`` channels of ``layer`` that are
        *most sensitive to the mask region* are chosen: the channels with the largest mean
        ``|a(x with masked pixels = 1) - a(x with masked pixels = 0)|`` over
-       ``_PROBE_IMAGES`` seeded clean training images.
+       ``_PROBE_IMAGES`` (64) seeded clean training images.
     4. The masked pixels (only those; seeded uniform start) are optimised with Adam
        (``steps``, ``lr``), clamped to [0, 1], to minimise the squared gap between the
        chosen neurons' activation on the stamped probe images and ``target_activation``.
@@ -44,6 +44,12 @@ class TrojanNN(Attack):
     by their settings and the data's hash and returned by :meth:`artefacts`. Poisoning
     stamps ``lerp(x, pattern, mask)`` and relabels (dirty-label, all2one or all2all).
 
+    ``surrogate_seed`` seeds the attacker's whole preparation (the surrogate's training,
+    the probe images and the trigger's start), ``seed`` only the choice of poisoned
+    examples: runs that differ only in ``seed`` share one trigger, as with a trigger file.
+    The trigger exists only after :meth:`poison`; :meth:`apply` and :meth:`triggered_test`
+    before it raise :class:`~abl.errors.ConfigError`.
+
     Parameters:
         mask, size, mask_file: the trigger region (``square`` of side 5 by default).
         layer: ``feature_maps`` or ``features``.
@@ -51,7 +57,8 @@ class TrojanNN(Attack):
         target_activation: the activation the optimisation drives them to (100).
         steps, lr: the trigger optimisation (200 Adam steps at 0.1).
         surrogate_model, surrogate_epochs, surrogate_lr, surrogate_batch_size,
-        surrogate_seed: the clean surrogate (WRN-16-1, 10 epochs at 0.05).
+        surrogate_seed: the clean surrogate (WRN-16-1, 10 epochs at 0.05) and the
+            seed of the trigger optimisation.
         cache_dir: where the surrogate and the trigger are cached.
 
     Example::
@@ -73,6 +80,9 @@ class TrojanNN(Attack):
     surrogate_batch_size: int = 128
     surrogate_seed: int = 0
     cache_dir: str | None = None
+
+    #: the trigger is fitted by :meth:`poison`; nothing can be triggered before.
+    needs_fit: ClassVar[bool] = True
 
     def validate(self) -> None:
         from abl.models import MODELS
@@ -153,7 +163,7 @@ class TrojanNN(Attack):
             score = (on - off).abs().mean(0)
         k = min(self.neurons, score.numel())
         neurons = score.topk(k).indices.sort().values
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.surrogate_seed + 1)
         pattern = (torch.rand(3, *m.shape[-2:], generator=gen).to(device) * m).requires_grad_(True)
         opt = torch.optim.Adam([pattern], lr=self.lr)
         target = torch.full((len(probe), k), self.target_activation, device=device)
@@ -186,7 +196,6 @@ class TrojanNN(Attack):
             "target_activation": self.target_activation,
             "steps": self.steps,
             "lr": self.lr,
-            "seed": self.seed,
             "probe": _PROBE_IMAGES,
             "data": fingerprint,
         }
@@ -204,7 +213,7 @@ class TrojanNN(Attack):
                 fingerprint=fingerprint,
                 cache_dir=self.cache_dir,
             )
-            gen = torch.Generator().manual_seed(self.seed)
+            gen = torch.Generator().manual_seed(self.surrogate_seed)
             pick = torch.randperm(len(train), generator=gen)[:_PROBE_IMAGES]
             probe = to_float(train.images[pick].to(device))
             return self._optimise(self.surrogate, probe)
