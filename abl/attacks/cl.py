@@ -22,7 +22,7 @@ _PGD_BATCH = 256
 
 @ATTACKS.register("cl")
 @dataclass
-class LabelConsistent(Attack):
+class LabelConsistent(surrogate.SurrogateParams, Attack):
     """Label-consistent (CL) backdoor: clean-label, so only target-class images are
     poisoned and no label changes.
 
@@ -64,27 +64,16 @@ class LabelConsistent(Attack):
     step_size: float | None = None
     corners: Literal[1, 4] = 1
     amplitude: float = 1.0
-    surrogate_model: str = "wrn"
-    surrogate_epochs: int = 10
-    surrogate_lr: float = 0.05
-    surrogate_batch_size: int = 128
-    surrogate_seed: int = 0
-    cache_dir: str | None = None
 
     clean_label = True
 
     def validate(self) -> None:
-        from abl.models import MODELS
-
         super().validate()
         check(0.0 <= self.eps <= 1.0, "attack.eps", f"must be in [0, 1] (a fraction of 255), got {self.eps}")
         check(self.steps >= 0, "attack.steps", f"must be >= 0, got {self.steps}")
         check(self.step_size is None or self.step_size > 0, "attack.step_size", f"must be > 0, got {self.step_size}")
         check(0.0 < self.amplitude <= 1.0, "attack.amplitude", f"must be in (0, 1], got {self.amplitude}")
-        check(self.surrogate_model in MODELS, "attack.surrogate_model", f"must be one of {', '.join(MODELS.names())}, got {self.surrogate_model!r}")
-        check(self.surrogate_epochs >= 1, "attack.surrogate_epochs", f"must be >= 1, got {self.surrogate_epochs}")
-        check(self.surrogate_lr > 0, "attack.surrogate_lr", f"must be > 0, got {self.surrogate_lr}")
-        check(self.surrogate_batch_size >= 1, "attack.surrogate_batch_size", f"must be >= 1, got {self.surrogate_batch_size}")
+        self.validate_surrogate()
 
     # -- trigger --------------------------------------------------------------------
     def build(self, image_size: int) -> None:
@@ -140,15 +129,8 @@ class LabelConsistent(Attack):
         """The PGD-perturbed uint8 images of the examples in ``mask`` (cached)."""
         idx = mask.nonzero().squeeze(1).cpu()
         fingerprint = surrogate.data_fingerprint(train)
-        sur = {
-            "model": self.surrogate_model,
-            "epochs": self.surrogate_epochs,
-            "lr": self.surrogate_lr,
-            "batch_size": self.surrogate_batch_size,
-            "seed": self.surrogate_seed,
-        }
         key = {
-            "surrogate": sur,
+            "surrogate": self.surrogate_key(),
             "num_classes": self.num_classes,
             "eps": self.eps,
             "steps": self.steps,
@@ -158,18 +140,7 @@ class LabelConsistent(Attack):
         }
 
         def build() -> dict[str, torch.Tensor]:
-            model = surrogate.clean_surrogate(
-                train,
-                self.num_classes,
-                model=sur["model"],
-                epochs=sur["epochs"],
-                lr=sur["lr"],
-                batch_size=sur["batch_size"],
-                seed=sur["seed"],
-                device=device,
-                fingerprint=fingerprint,
-                cache_dir=self.cache_dir,
-            )
+            model = self.load_surrogate(train, self.num_classes, device, fingerprint)
             images = train.images[idx].to(device)
             return {"images": self._pgd(model, images, train.labels[idx].to(device)), "indices": idx}
 

@@ -20,12 +20,14 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from abl.config import check
 from abl.data.cache import resolve_cache_dir
 from abl.data.loader import AugmentConfig
 from abl.data.types import ImageSplit, PoisonedSet
@@ -174,3 +176,55 @@ def clean_surrogate(
     for p in net.parameters():
         p.requires_grad_(False)
     return net
+
+
+@dataclass
+class SurrogateParams:
+    """Fields shared by attacks that optimise against a clean surrogate model.
+
+    Mixed into such attacks (``class X(SurrogateParams, Attack)``); ``surrogate_seed``
+    seeds the surrogate apart from the attack's ``seed``, so seed sweeps share it.
+    """
+
+    surrogate_model: str = "wrn"
+    surrogate_epochs: int = 10
+    surrogate_lr: float = 0.05
+    surrogate_batch_size: int = 128
+    surrogate_seed: int = 0
+    cache_dir: str | None = None
+
+    def validate_surrogate(self) -> None:
+        from abl.models import MODELS
+
+        check(self.surrogate_model in MODELS, "attack.surrogate_model",
+              f"must be one of {', '.join(MODELS.names())}, got {self.surrogate_model!r}")
+        check(self.surrogate_epochs >= 1, "attack.surrogate_epochs", f"must be >= 1, got {self.surrogate_epochs}")
+        check(self.surrogate_lr > 0, "attack.surrogate_lr", f"must be > 0, got {self.surrogate_lr}")
+        check(self.surrogate_batch_size >= 1, "attack.surrogate_batch_size", f"must be >= 1, got {self.surrogate_batch_size}")
+
+    def surrogate_key(self) -> dict[str, Any]:
+        """The surrogate's settings, as part of an artefact's cache key."""
+        return {
+            "model": self.surrogate_model,
+            "epochs": self.surrogate_epochs,
+            "lr": self.surrogate_lr,
+            "batch_size": self.surrogate_batch_size,
+            "seed": self.surrogate_seed,
+        }
+
+    def load_surrogate(
+        self, train: ImageSplit, num_classes: int, device: torch.device | str, fingerprint: str
+    ) -> nn.Module:
+        """The clean surrogate for these settings (trained once, then read from the cache)."""
+        return clean_surrogate(
+            train,
+            num_classes,
+            model=self.surrogate_model,
+            epochs=self.surrogate_epochs,
+            lr=self.surrogate_lr,
+            batch_size=self.surrogate_batch_size,
+            seed=self.surrogate_seed,
+            device=device,
+            fingerprint=fingerprint,
+            cache_dir=self.cache_dir,
+        )

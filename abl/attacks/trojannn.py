@@ -20,7 +20,7 @@ _PROBE_IMAGES = 64  # clean images used to pick the neurons and to optimise the 
 
 @ATTACKS.register("trojannn")
 @dataclass
-class TrojanNN(Attack):
+class TrojanNN(surrogate.SurrogateParams, Attack):
     """TrojanNN: generate the trigger from a clean surrogate model, then poison like BadNets.
 
     1. A surrogate (``surrogate_*``) is trained on the clean training set.
@@ -74,19 +74,11 @@ class TrojanNN(Attack):
     target_activation: float = 100.0
     steps: int = 200
     lr: float = 0.1
-    surrogate_model: str = "wrn"
-    surrogate_epochs: int = 10
-    surrogate_lr: float = 0.05
-    surrogate_batch_size: int = 128
-    surrogate_seed: int = 0
-    cache_dir: str | None = None
 
     #: the trigger is fitted by :meth:`poison`; nothing can be triggered before.
     needs_fit: ClassVar[bool] = True
 
     def validate(self) -> None:
-        from abl.models import MODELS
-
         super().validate()
         check(self.size >= 1, "attack.size", f"must be >= 1, got {self.size}")
         if self.mask == "file":
@@ -97,10 +89,7 @@ class TrojanNN(Attack):
         check(self.target_activation > 0, "attack.target_activation", f"must be > 0, got {self.target_activation}")
         check(self.steps >= 1, "attack.steps", f"must be >= 1, got {self.steps}")
         check(self.lr > 0, "attack.lr", f"must be > 0, got {self.lr}")
-        check(self.surrogate_model in MODELS, "attack.surrogate_model", f"must be one of {', '.join(MODELS.names())}, got {self.surrogate_model!r}")
-        check(self.surrogate_epochs >= 1, "attack.surrogate_epochs", f"must be >= 1, got {self.surrogate_epochs}")
-        check(self.surrogate_lr > 0, "attack.surrogate_lr", f"must be > 0, got {self.surrogate_lr}")
-        check(self.surrogate_batch_size >= 1, "attack.surrogate_batch_size", f"must be >= 1, got {self.surrogate_batch_size}")
+        self.validate_surrogate()
 
     # -- the trigger region -----------------------------------------------------------
     def build(self, image_size: int) -> None:
@@ -180,15 +169,8 @@ class TrojanNN(Attack):
     def fit(self, train: ImageSplit, device: torch.device | str = "cpu") -> None:
         """Train (or load) the surrogate and optimise (or load) the trigger."""
         fingerprint = surrogate.data_fingerprint(train)
-        sur = {
-            "model": self.surrogate_model,
-            "epochs": self.surrogate_epochs,
-            "lr": self.surrogate_lr,
-            "batch_size": self.surrogate_batch_size,
-            "seed": self.surrogate_seed,
-        }
         key = {
-            "surrogate": sur,
+            "surrogate": self.surrogate_key(),
             "num_classes": self.num_classes,
             "region": surrogate.tensor_digest(self.region),
             "layer": self.layer,
@@ -201,18 +183,7 @@ class TrojanNN(Attack):
         }
 
         def build() -> dict[str, torch.Tensor]:
-            self.surrogate = surrogate.clean_surrogate(
-                train,
-                self.num_classes,
-                model=sur["model"],
-                epochs=sur["epochs"],
-                lr=sur["lr"],
-                batch_size=sur["batch_size"],
-                seed=sur["seed"],
-                device=device,
-                fingerprint=fingerprint,
-                cache_dir=self.cache_dir,
-            )
+            self.surrogate = self.load_surrogate(train, self.num_classes, device, fingerprint)
             gen = torch.Generator().manual_seed(self.surrogate_seed)
             pick = torch.randperm(len(train), generator=gen)[:_PROBE_IMAGES]
             probe = to_float(train.images[pick].to(device))
