@@ -133,12 +133,16 @@ class Attack:
         labels[idx] = true_labels[idx] if self.clean_label else self.relabel(true_labels[idx])
         return PoisonedSet(images, labels, true_labels, mask.to(device))
 
+    def test_mask(self, labels: torch.Tensor) -> torch.Tensor:
+        """The test images the attack is scored on: by default those whose true label
+        differs from the attack label (for all-to-one attacks: not the target class)."""
+        return labels != self.relabel(labels)
+
     def triggered_test(self, test: ImageSplit, device: torch.device | str = "cpu") -> TriggeredTestSet:
-        """Every test image the attack can flip, triggered: for all-to-one attacks the
-        images whose true label is not the target."""
+        """The test images of :meth:`test_mask`, triggered, with their attack labels."""
         labels = test.labels.to(device)
         attack_labels = self.relabel(labels)
-        keep = (labels != attack_labels).nonzero().squeeze(1)
+        keep = self.test_mask(labels).nonzero().squeeze(1)
         images = self.apply_uint8(test.images.to(device)[keep])
         return TriggeredTestSet(images, labels[keep], attack_labels[keep])
 
