@@ -90,3 +90,30 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("ABL_CACHE_DIR", None)
     else:
         os.environ["ABL_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def digits32():
+    """300 real digits at 32x32: the training split the optimisation-attack tests fit on."""
+    import torch
+
+    from abl.data import DATASETS
+
+    train = DATASETS.create({"name": "digits", "size": 32}).load().train
+    return train.subset(torch.arange(300))
+
+
+@pytest.fixture
+def surrogate_trainings(monkeypatch) -> list[int]:
+    """Counts the clean-surrogate trainings an attack triggers (one entry per training)."""
+    from abl.attacks import surrogate
+
+    calls: list[int] = []
+    real = surrogate.train_clean_model
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(surrogate, "train_clean_model", counted)
+    return calls

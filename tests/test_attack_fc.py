@@ -10,37 +10,17 @@ import pytest
 import torch
 
 from abl.attacks import ATTACKS, surrogate
-from abl.data import DATASETS
 from abl.data.loader import to_float
-from abl.data.types import ImageSplit
 from abl.errors import ConfigError
 
 TINY = {"surrogate_model": "small_cnn", "surrogate_epochs": 1, "steps": 20}
 GRID = torch.tensor([[0, 0, 255], [0, 255, 0], [255, 0, 255]], dtype=torch.uint8)
 
 
-@pytest.fixture(scope="module")
-def digits() -> ImageSplit:
-    train = DATASETS.create({"name": "digits", "size": 32}).load().train
-    return train.subset(torch.arange(300))
-
-
 def make(cache_dir, **params):
     attack = ATTACKS.create({"name": "fc", **TINY, "cache_dir": str(cache_dir), **params})
     attack.setup(32, 10)
     return attack
-
-
-def count_training(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = surrogate.train_clean_model
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(surrogate, "train_clean_model", counted)
-    return calls
 
 
 def test_apply_is_the_grid_trigger(tmp_path):
@@ -60,38 +40,38 @@ def test_apply_is_the_grid_trigger(tmp_path):
     assert torch.equal(big, (GRID.float() / 255).repeat(2, 2)[:5, :5])
 
 
-def test_poison_clean_label_budget_and_collision(digits, tmp_path):
+def test_poison_clean_label_budget_and_collision(digits32, tmp_path):
     eps = 16 / 255
     attack = make(tmp_path, rate=0.05, target=0, source=1, eps=eps)
-    data = attack.poison(digits)
+    data = attack.poison(digits32)
     m = data.poison_mask
     assert int(m.sum()) == round(0.05 * 300)
-    assert data.images.dtype == torch.uint8 and data.images.shape == digits.images.shape
-    assert torch.equal(data.labels, digits.labels) and torch.equal(data.true_labels, digits.labels)
-    assert bool((digits.labels[m] == 0).all()), "only target-class images are poisoned"
-    assert torch.equal(data.images[~m], digits.images[~m])
-    diff = (data.images.int() - digits.images.int()).abs()
+    assert data.images.dtype == torch.uint8 and data.images.shape == digits32.images.shape
+    assert torch.equal(data.labels, digits32.labels) and torch.equal(data.true_labels, digits32.labels)
+    assert bool((digits32.labels[m] == 0).all()), "only target-class images are poisoned"
+    assert torch.equal(data.images[~m], digits32.images[~m])
+    diff = (data.images.int() - digits32.images.int()).abs()
     assert int(diff.max()) <= eps * 255 + 1, "the perturbation must stay within eps everywhere"
     assert bool((diff[m].flatten(1).amax(1) > 0).all()), "every poisoned image is perturbed"
     arts = attack.artefacts()
     idx, src = arts["perturbed_indices"], arts["source_indices"]
     assert torch.equal(idx, m.nonzero().squeeze(1)) and len(src) == len(idx)
-    assert bool((digits.labels[src] == 1).all()) and len(set(src.tolist())) == len(src)
+    assert bool((digits32.labels[src] == 1).all()) and len(set(src.tolist())) == len(src)
     assert arts["perturbed_images"].dtype == torch.uint8 and torch.equal(arts["perturbed_images"], data.images[m])
     # the optimisation pulls the features towards the paired triggered source images
-    model = attack.load_surrogate(digits, 10, "cpu", surrogate.data_fingerprint(digits))
+    model = attack.load_surrogate(digits32, 10, "cpu", surrogate.data_fingerprint(digits32))
     with torch.no_grad():
-        goal = model.features(attack.apply(to_float(digits.images[src])))
-        before = (model.features(to_float(digits.images[idx])) - goal).pow(2).sum(1)
+        goal = model.features(attack.apply(to_float(digits32.images[src])))
+        before = (model.features(to_float(digits32.images[idx])) - goal).pow(2).sum(1)
         after = (model.features(to_float(data.images[idx])) - goal).pow(2).sum(1)
     assert float(after.mean()) < 0.7 * float(before.mean()), (before.mean(), after.mean())
     assert float((after < before).float().mean()) >= 0.9, (before, after)
 
 
-def test_pairing_with_replacement_when_few_sources(digits, tmp_path):
+def test_pairing_with_replacement_when_few_sources(digits32, tmp_path):
     # keep only 3 source-class images: 15 poisoned images must share them
-    keep = torch.cat([(digits.labels != 1).nonzero().squeeze(1), (digits.labels == 1).nonzero().squeeze(1)[:3]])
-    small = digits.subset(keep.sort().values)
+    keep = torch.cat([(digits32.labels != 1).nonzero().squeeze(1), (digits32.labels == 1).nonzero().squeeze(1)[:3]])
+    small = digits32.subset(keep.sort().values)
     attack = make(tmp_path, rate=0.05, steps=2)
     attack.poison(small)
     src = attack.artefacts()["source_indices"]
@@ -99,13 +79,13 @@ def test_pairing_with_replacement_when_few_sources(digits, tmp_path):
     assert len(set(src.tolist())) <= 3
 
 
-def test_seed_determinism_and_cache(digits, tmp_path, monkeypatch):
-    calls = count_training(monkeypatch)
-    a = make(tmp_path / "a", seed=1, rate=0.05).poison(digits)
-    b = make(tmp_path / "b", seed=1, rate=0.05).poison(digits)  # fresh cache: recomputed
+def test_seed_determinism_and_cache(digits32, tmp_path, monkeypatch, surrogate_trainings):
+    calls = surrogate_trainings
+    a = make(tmp_path / "a", seed=1, rate=0.05).poison(digits32)
+    b = make(tmp_path / "b", seed=1, rate=0.05).poison(digits32)  # fresh cache: recomputed
     assert len(calls) == 2
     assert torch.equal(a.images, b.images) and torch.equal(a.poison_mask, b.poison_mask)
-    c = make(tmp_path / "a", seed=2, rate=0.05).poison(digits)  # surrogate reused, new poison set
+    c = make(tmp_path / "a", seed=2, rate=0.05).poison(digits32)  # surrogate reused, new poison set
     assert len(calls) == 2
     assert not torch.equal(a.poison_mask, c.poison_mask) and not torch.equal(a.images, c.images)
 
@@ -114,15 +94,15 @@ def test_seed_determinism_and_cache(digits, tmp_path, monkeypatch):
 
     monkeypatch.setattr(surrogate, "train_clean_model", boom)
     monkeypatch.setattr(type(make(tmp_path / "a")), "_collide", boom)
-    again = make(tmp_path / "a", seed=1, rate=0.05).poison(digits)
+    again = make(tmp_path / "a", seed=1, rate=0.05).poison(digits32)
     assert torch.equal(again.images, a.images)
     files = sorted(p.name.split("-")[0] for p in (tmp_path / "a" / "attacks").iterdir())
     assert files == ["fc", "fc", "surrogate"]
 
 
-def test_triggered_test_is_source_only(digits, tmp_path):
+def test_triggered_test_is_source_only(digits32, tmp_path):
     attack = make(tmp_path, source=4, target=2)
-    test = digits.subset(torch.arange(100))
+    test = digits32.subset(torch.arange(100))
     trig = attack.triggered_test(test)
     assert torch.equal(attack.test_mask(test.labels), test.labels == 4)
     assert len(trig) == int((test.labels == 4).sum()) > 0

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from abl.attacks import ATTACKS, surrogate
-from abl.data import DATASETS
 from abl.data.loader import to_float
 from abl.data.types import ImageSplit
 from abl.errors import ConfigError
@@ -19,29 +18,11 @@ from abl.errors import ConfigError
 TINY = {"surrogate_model": "small_cnn", "surrogate_epochs": 1}
 
 
-@pytest.fixture(scope="module")
-def digits() -> ImageSplit:
-    train = DATASETS.create({"name": "digits", "size": 32}).load().train
-    return train.subset(torch.arange(300))
-
-
 def make(name: str, cache_dir, **params):
     defaults = {"steps": 3} if name == "cl" else {"steps": 30, "lr": 0.1}
     attack = ATTACKS.create({"name": name, **TINY, **defaults, "cache_dir": str(cache_dir), **params})
     attack.setup(32, 10)
     return attack
-
-
-def count_training(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = surrogate.train_clean_model
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(surrogate, "train_clean_model", counted)
-    return calls
 
 
 # ------------------------------------------------------------------ shared helpers
@@ -74,35 +55,35 @@ def test_cache_dir_defaults_to_env(tmp_path, monkeypatch):
     assert surrogate.cache_path("cl", {"a": 1}).parent == tmp_path / "attacks"
 
 
-def test_data_fingerprint_sees_one_pixel(digits):
-    other = ImageSplit(digits.images.clone(), digits.labels.clone())
-    assert surrogate.data_fingerprint(other) == surrogate.data_fingerprint(digits)
+def test_data_fingerprint_sees_one_pixel(digits32):
+    other = ImageSplit(digits32.images.clone(), digits32.labels.clone())
+    assert surrogate.data_fingerprint(other) == surrogate.data_fingerprint(digits32)
     other.images[5, 0, 3, 3] ^= 1
-    assert surrogate.data_fingerprint(other) != surrogate.data_fingerprint(digits)
+    assert surrogate.data_fingerprint(other) != surrogate.data_fingerprint(digits32)
 
 
-def test_train_clean_model_learns(digits):
-    model = surrogate.train_clean_model(digits, 10, model={"name": "small_cnn"}, epochs=15, lr=0.05, batch_size=32, seed=0)
+def test_train_clean_model_learns(digits32):
+    model = surrogate.train_clean_model(digits32, 10, model={"name": "small_cnn"}, epochs=15, lr=0.05, batch_size=32, seed=0)
     assert not model.training
     with torch.no_grad():
-        acc = (model(to_float(digits.images)).argmax(1) == digits.labels).float().mean()
+        acc = (model(to_float(digits32.images)).argmax(1) == digits32.labels).float().mean()
     assert float(acc) > 0.5, "the clean surrogate should beat chance on its training data"
 
 
 # ------------------------------------------------------------------ cl
 
 
-def test_cl_clean_label_budget_and_trigger(digits, tmp_path):
+def test_cl_clean_label_budget_and_trigger(digits32, tmp_path):
     eps = 8 / 255
     attack = make("cl", tmp_path, rate=0.05, target=3, eps=eps)
     assert attack.clean_label
-    data = attack.poison(digits)
+    data = attack.poison(digits32)
     m = data.poison_mask
     assert int(m.sum()) == round(0.05 * 300)
-    assert data.images.dtype == torch.uint8 and data.images.shape == digits.images.shape
-    assert torch.equal(data.labels, digits.labels) and bool((digits.labels[m] == 3).all())
-    assert torch.equal(data.images[~m], digits.images[~m])
-    diff = (data.images[m].int() - digits.images[m].int()).abs()
+    assert data.images.dtype == torch.uint8 and data.images.shape == digits32.images.shape
+    assert torch.equal(data.labels, digits32.labels) and bool((digits32.labels[m] == 3).all())
+    assert torch.equal(data.images[~m], digits32.images[~m])
+    diff = (data.images[m].int() - digits32.images[m].int()).abs()
     trig = attack.mask[0] > 0
     assert int(diff[:, :, ~trig].max()) <= eps * 255 + 1, "PGD must stay within eps outside the trigger"
     assert int(diff[:, :, ~trig].max()) > 0, "PGD must perturb the images"
@@ -133,19 +114,19 @@ def test_cl_four_corners_and_amplitude(tmp_path):
     assert torch.equal(y[0, 29:, 29:] * 2, torch.tensor([[0.0, 0, 1], [0, 1, 0], [1, 0, 1]]))
 
 
-def test_cl_seed_determinism_and_cache(digits, tmp_path, monkeypatch):
-    calls = count_training(monkeypatch)
-    a = make("cl", tmp_path / "a", seed=1, rate=0.05).poison(digits)
-    b = make("cl", tmp_path / "b", seed=1, rate=0.05).poison(digits)  # fresh cache: recomputed
+def test_cl_seed_determinism_and_cache(digits32, tmp_path, monkeypatch, surrogate_trainings):
+    calls = surrogate_trainings
+    a = make("cl", tmp_path / "a", seed=1, rate=0.05).poison(digits32)
+    b = make("cl", tmp_path / "b", seed=1, rate=0.05).poison(digits32)  # fresh cache: recomputed
     assert len(calls) == 2
     assert torch.equal(a.images, b.images) and torch.equal(a.poison_mask, b.poison_mask)
-    c = make("cl", tmp_path / "a", seed=2, rate=0.05).poison(digits)  # surrogate reused, new PGD set
+    c = make("cl", tmp_path / "a", seed=2, rate=0.05).poison(digits32)  # surrogate reused, new PGD set
     assert len(calls) == 2
     assert not torch.equal(a.poison_mask, c.poison_mask) and not torch.equal(a.images, c.images)
-    again = make("cl", tmp_path / "a", seed=1, rate=0.05).poison(digits)
+    again = make("cl", tmp_path / "a", seed=1, rate=0.05).poison(digits32)
     assert len(calls) == 2 and torch.equal(again.images, a.images)
     # a different budget is a different cache entry, but the surrogate is shared
-    make("cl", tmp_path / "a", seed=1, rate=0.05, eps=4 / 255).poison(digits)
+    make("cl", tmp_path / "a", seed=1, rate=0.05, eps=4 / 255).poison(digits32)
     assert len(calls) == 2
 
 
@@ -169,12 +150,12 @@ def test_trojannn_needs_poison_first(tmp_path):
     assert attack.artefacts() == {} and attack.needs_fit
 
 
-def test_trojannn_poison_and_trigger(digits, tmp_path):
+def test_trojannn_poison_and_trigger(digits32, tmp_path):
     attack = make("trojannn", tmp_path, rate=0.1, target=2, neurons=2, steps=60)
-    data = attack.poison(digits)
+    data = attack.poison(digits32)
     m = data.poison_mask
     assert int(m.sum()) == 30 and bool((data.labels[m] == 2).all()) and bool((data.true_labels[m] != 2).all())
-    assert torch.equal(data.images[~m], digits.images[~m]) and torch.equal(data.labels[~m], digits.labels[~m])
+    assert torch.equal(data.images[~m], digits32.images[~m]) and torch.equal(data.labels[~m], digits32.labels[~m])
     arts = attack.artefacts()
     assert set(arts) == {"mask", "pattern", "neurons"} and arts["neurons"].shape == (2,)
     assert float(arts["mask"].sum()) == 25 and float(arts["mask"][0, 27:, 27:].sum()) == 25
@@ -187,7 +168,7 @@ def test_trojannn_poison_and_trigger(digits, tmp_path):
     # the optimisation excited the chosen neurons
     model = attack.surrogate
     assert model is not None
-    clean = to_float(digits.images[:100])
+    clean = to_float(digits32.images[:100])
     with torch.no_grad():
         before = attack.activation(model, clean, arts["neurons"]).mean()
         after = attack.activation(model, attack.apply(clean), arts["neurons"]).mean()
@@ -196,25 +177,25 @@ def test_trojannn_poison_and_trigger(digits, tmp_path):
         unoptimised = attack.activation(model, random_trigger, arts["neurons"]).mean()
     # (a 1-epoch surrogate and a 5x5 patch: the gain is bounded, so compare ratios)
     assert float(after) > 1.2 * float(before) and float(after) > 1.5 * float(unoptimised), (before, after, unoptimised)
-    trig = attack.triggered_test(digits.subset(torch.arange(50)))
-    assert len(trig) == int((digits.labels[:50] != 2).sum()) and bool((trig.attack_labels == 2).all())
+    trig = attack.triggered_test(digits32.subset(torch.arange(50)))
+    assert len(trig) == int((digits32.labels[:50] != 2).sum()) and bool((trig.attack_labels == 2).all())
 
 
-def test_trojannn_seed_determinism_and_cache(digits, tmp_path, monkeypatch):
-    calls = count_training(monkeypatch)
+def test_trojannn_seed_determinism_and_cache(digits32, tmp_path, monkeypatch, surrogate_trainings):
+    calls = surrogate_trainings
     a = make("trojannn", tmp_path / "a", seed=1, rate=0.05)
-    pa = a.poison(digits)
+    pa = a.poison(digits32)
     b = make("trojannn", tmp_path / "b", seed=1, rate=0.05)
-    pb = b.poison(digits)
+    pb = b.poison(digits32)
     assert len(calls) == 2 and torch.equal(pa.images, pb.images) and torch.equal(a.artefacts()["pattern"], b.artefacts()["pattern"])
     # `seed` picks the poisoned examples only: the trigger is shared (from the cache)
     c = make("trojannn", tmp_path / "a", seed=2, rate=0.05)
-    pc = c.poison(digits)
+    pc = c.poison(digits32)
     assert len(calls) == 2 and not torch.equal(pa.poison_mask, pc.poison_mask)
     assert torch.equal(a.artefacts()["pattern"], c.artefacts()["pattern"]) and c.surrogate is None
     # `surrogate_seed` seeds the attacker's preparation: a new surrogate and trigger
     d = make("trojannn", tmp_path / "a", seed=1, rate=0.05, surrogate_seed=3)
-    d.poison(digits)
+    d.poison(digits32)
     assert len(calls) == 3 and not torch.equal(a.artefacts()["pattern"], d.artefacts()["pattern"])
 
     def boom(*args, **kwargs):
@@ -222,24 +203,24 @@ def test_trojannn_seed_determinism_and_cache(digits, tmp_path, monkeypatch):
 
     monkeypatch.setattr(surrogate, "train_clean_model", boom)
     again = make("trojannn", tmp_path / "a", seed=1, rate=0.05)
-    assert torch.equal(again.poison(digits).images, pa.images)
+    assert torch.equal(again.poison(digits32).images, pa.images)
     assert again.surrogate is None, "a cached trigger needs no surrogate"
 
 
-def test_trojannn_features_layer_and_all2all(digits, tmp_path):
+def test_trojannn_features_layer_and_all2all(digits32, tmp_path):
     attack = make("trojannn", tmp_path, layer="features", labelling="all2all", rate=0.1, steps=5)
-    data = attack.poison(digits)
+    data = attack.poison(digits32)
     m = data.poison_mask
-    assert torch.equal(data.labels[m], (digits.labels[m] + 1) % 10)
+    assert torch.equal(data.labels[m], (digits32.labels[m] + 1) % 10)
 
 
-def test_trojannn_mask_file(digits, tmp_path):
+def test_trojannn_mask_file(digits32, tmp_path):
     shape = np.zeros((32, 32), dtype=np.uint8)
     shape[2:6, 10:20] = 255  # a bar-shaped "watermark"
     path = tmp_path / "wm.npy"
     np.save(path, shape)
     attack = make("trojannn", tmp_path, mask="file", mask_file=str(path), steps=5)
-    attack.poison(digits)
+    attack.poison(digits32)
     assert torch.equal(attack.artefacts()["mask"][0] > 0, torch.from_numpy(shape > 0))
     empty = tmp_path / "empty.npy"
     np.save(empty, np.zeros((32, 32), dtype=np.uint8))
