@@ -86,5 +86,4 @@ class BadNets(Attack):
         return {"mask": self.mask, "pattern": self.pattern_image}
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        t = self._on(x.device, mask=self.mask, pattern=self.pattern_image)
-        return torch.lerp(x, t["pattern"].to(x.dtype), t["mask"].to(x.dtype))
+        return self.stamp_patch(x)

@@ -107,6 +107,12 @@ class Attack:
         """Trigger a float batch ``(N, 3, H, W)`` in [0, 1]; same shape, still in [0, 1]."""
         raise NotImplementedError
 
+    def stamp_patch(self, x: torch.Tensor) -> torch.Tensor:
+        """``lerp(x, pattern, mask)`` with the attack's ``pattern_image`` and ``mask``: the
+        ``apply`` of every attack whose trigger is a patch pasted over the image."""
+        t = self._on(x.device, mask=self.mask, pattern=self.pattern_image)
+        return torch.lerp(x, t["pattern"].to(x.dtype), t["mask"].to(x.dtype))
+
     def relabel(self, labels: torch.Tensor) -> torch.Tensor:
         """The labels the attacker assigns to triggered examples with true ``labels``."""
         if self.clean_label or self.labelling == "all2one":

@@ -112,8 +112,7 @@ class FeatureCollision(surrogate.SurrogateParams, Attack):
         return out
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        t = self._on(x.device, mask=self.mask, pattern=self.pattern_image)
-        return torch.lerp(x, t["pattern"].to(x.dtype), t["mask"].to(x.dtype))
+        return self.stamp_patch(x)
 
     # -- the feature collision --------------------------------------------------------
     def pair(self, labels: torch.Tensor, n: int) -> torch.Tensor:
