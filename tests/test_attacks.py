@@ -17,6 +17,8 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TROJAN_FILE = SHARED / "triggers" / "abl-official-trojan-cifar10.npz"
 SIG_FILE = SHARED / "triggers" / "abl-official-sig-cifar10.npy"
 FAST_SURROGATE = {"surrogate_model": "small_cnn", "surrogate_epochs": 1}
+# attack-specific knobs that only cut the cost of fitting (the contract is about shapes)
+FAST_FIT = {"dynamic": {"mask_epochs": 1, "generator_width": 8}}
 
 
 def _trigger_file(name: str) -> Path:
@@ -33,6 +35,8 @@ def make_attack(name: str, **params):
     if "surrogate_epochs" in {f.name for f in dataclasses.fields(ATTACKS.get(name))}:
         for key, value in FAST_SURROGATE.items():  # the contract is about shapes, not strength
             spec.setdefault(key, value)
+    for key, value in FAST_FIT.get(name, {}).items():
+        spec.setdefault(key, value)
     attack = ATTACKS.create(spec)
     attack.setup(32, 10)
     if attack.needs_fit:  # the trigger is optimised on the training set

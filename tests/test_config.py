@@ -146,7 +146,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_example_configs_exist():
     names = {p.stem for p in CONFIGS}
-    for attack in ("badnets", "blend", "trojan", "sig", "cl", "trojannn", "fc"):
+    for attack in ("badnets", "blend", "trojan", "sig", "cl", "trojannn", "fc", "dynamic"):
         assert f"cifar10-{attack}-abl" in names
 
 
