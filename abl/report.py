@@ -36,13 +36,15 @@ from abl.errors import StoreError
 from abl.store import FINISHED, RunRecord, RunStore
 
 MISSING = "–"
-RATE_METRICS = ("clean_acc", "asr", "robust_acc", "iso_precision", "iso_recall")
+RATE_METRICS = ("clean_acc", "asr", "robust_acc", "iso_precision", "iso_recall",
+                "fit_clean_acc", "fit_backdoor_acc", "fit_cross_acc")
 METRIC_LABELS = {
     "clean_acc": "CA",
     "asr": "ASR",
     "robust_acc": "RA",
     "iso_precision": "Isolation precision",
     "iso_recall": "Isolation recall",
+    "poison_s": "Poisoning time (s)",
 }
 DEFAULT_COLUMNS = ["run", "dataset", "model", "attack", "defense", "status",
                    "clean_acc", "asr", "robust_acc", "iso_precision", "iso_recall", "wall_s"]

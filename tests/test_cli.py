@@ -65,6 +65,7 @@ def test_run_records_a_finished_run(tmp_path, capsys):
     rec = runs[0]
     assert rec.config["defense"]["epochs"] == 2
     assert isinstance(rec.final_metrics["clean_acc"], float)
+    assert rec.metrics["attack"]["poison_s"] >= 0 and "fit_backdoor_acc" not in rec.metrics["attack"]
     assert rec.array("example_losses").shape[0] == 2
     assert rec.array("poison_mask").sum() == round(0.1 * len(rec.array("poison_mask")))
     assert (rec.path / "model.safetensors").is_file() and (rec.path / "config.yaml").is_file()
@@ -74,6 +75,26 @@ def test_run_records_a_finished_run(tmp_path, capsys):
     code, out, _ = run_cli(["report", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")], capsys)
     assert code == 0 and (tmp_path / "rep" / "report.md").is_file()
     assert "override" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_run_with_generated_trigger_stores_what_was_generated(tmp_path, capsys):
+    """An optimised attack (dynamic) through the CLI: its generators are saved with the run
+    (safetensors) and its fit is reported under the ``attack`` phase."""
+    from safetensors.torch import load_file
+
+    attack = {"name": "dynamic", "rate": 0.1, "surrogate_model": "small_cnn", "surrogate_epochs": 2,
+              "surrogate_batch_size": 64, "mask_epochs": 1, "generator_width": 4, "cache_dir": str(tmp_path / "cache")}
+    cfg = write_config(tmp_path, attack=attack)
+    code, _, err = run_cli(["run", str(cfg)], capsys)
+    assert code == 0, err
+    rec = RunStore(tmp_path / "runs").list_runs()[0]
+    phase = rec.metrics["attack"]
+    assert phase["poison_s"] > 0 and 0 <= phase["fit_backdoor_acc"] <= 1 and "fit_cross_acc" in phase
+    saved = load_file(str(rec.path / "trigger.safetensors"))
+    assert any(k.startswith("pattern.") for k in saved) and any(k.startswith("mask.") for k in saved)
+    assert len(list((tmp_path / "cache" / "attacks").glob("dynamic-*.safetensors"))) == 1
+    code, _, _ = run_cli(["report", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")], capsys)
+    assert code == 0 and "Poisoning time (s)" in (tmp_path / "rep" / "report.md").read_text()
 
 
 @pytest.mark.parametrize(

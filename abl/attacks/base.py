@@ -72,6 +72,11 @@ class Attack:
         """Tensors that define the trigger, stored with the run."""
         return {}
 
+    def fit_metrics(self) -> dict[str, float]:
+        """Numbers about the attacker's own optimisation (e.g. its classifier's accuracy),
+        recorded with the run's metrics under the ``attack`` phase; none for fixed triggers."""
+        return {}
+
     def _on(self, device: torch.device, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
         """The trigger tensors on ``device``, moved once and cached."""
         if device not in self._cache:

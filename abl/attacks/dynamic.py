@@ -355,6 +355,11 @@ class Dynamic(surrogate.SurrogateParams, Attack):
         clean, backdoor, cross = (float(v) for v in self.state["fit_accuracy"])
         return {"clean": clean, "backdoor": backdoor, "cross": cross}
 
+    def fit_metrics(self) -> dict[str, float]:
+        if not self.fitted:
+            return {}
+        return {f"fit_{k}_acc": v for k, v in self.fit_accuracy.items()}
+
     def poison(self, train: ImageSplit, device: torch.device | str = "cpu") -> PoisonedSet:
         """Fit the generators on the clean ``train`` split (cached), then trigger and relabel."""
         self.fit(train, device)
