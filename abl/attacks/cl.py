@@ -37,6 +37,9 @@ class LabelConsistent(surrogate.SurrogateParams, Attack):
     bottom-right corner, or (``corners=4``) reflected into all four corners (Turner et
     al.'s variant that survives horizontal flips), blended at ``amplitude``
     (``lerp(x, grid, amplitude)`` on the 3x3 patch).
+    On a 5,000-image CIFAR-10 slice the one-corner grid was learned at 0.2-79% ASR
+    (depending on the surrogate) and the four-corner grid at 96-100%, so the example
+    config uses ``corners: 4``; the default stays one corner, the ABL authors' grid.
 
     The surrogate (``surrogate_*``, trained once, seeded by ``surrogate_seed`` so that runs
     with different ``seed`` share it) and the perturbed images are cached on disk by their
