@@ -44,7 +44,6 @@ import secrets
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Mapping

@@ -72,6 +72,20 @@ class Attack:
         """Tensors that define the trigger, stored with the run."""
         return {}
 
+    #: what fitting produces, named in the error raised when it is used before fitting.
+    fit_product: ClassVar[str] = "the trigger, which is optimised on the training set"
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the trigger exists (always, unless the attack ``needs_fit``)."""
+        return True
+
+    def require_fit(self, what: str) -> None:
+        """Raise :class:`ConfigError` if ``what`` is used before :meth:`poison` fitted the trigger."""
+        if not self.fitted:
+            name = getattr(self, "registered_name", type(self).__name__)
+            raise ConfigError(f"attack '{name}': {what} needs {self.fit_product}; call poison(train) first")
+
     def fit_metrics(self) -> dict[str, float]:
         """Numbers about the attacker's own optimisation (e.g. its classifier's accuracy),
         recorded with the run's metrics under the ``attack`` phase; none for fixed triggers."""
@@ -151,6 +165,7 @@ class Attack:
 
     def triggered_test(self, test: ImageSplit, device: torch.device | str = "cpu") -> TriggeredTestSet:
         """The test images of :meth:`test_mask`, triggered, with their attack labels."""
+        self.require_fit("triggered_test")
         labels = test.labels.to(device)
         attack_labels = self.relabel(labels)
         keep = self.test_mask(labels).nonzero().squeeze(1)

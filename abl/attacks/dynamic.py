@@ -23,7 +23,7 @@ from abl.attacks import surrogate
 from abl.attacks.base import ATTACKS, Attack
 from abl.config import check
 from abl.data.loader import random_crop, random_flip, to_float
-from abl.data.types import ImageSplit, PoisonedSet, TriggeredTestSet
+from abl.data.types import ImageSplit, PoisonedSet
 from abl.errors import ConfigError
 
 _EPS = 1e-7
@@ -146,6 +146,7 @@ class Dynamic(surrogate.SurrogateParams, Attack):
     generator_depth: int = 3
 
     needs_fit: ClassVar[bool] = True
+    fit_product: ClassVar[str] = "the trigger generators, which are trained on the training set"
 
     def validate(self) -> None:
         super().validate()
@@ -187,13 +188,6 @@ class Dynamic(surrogate.SurrogateParams, Attack):
     def fitted(self) -> bool:
         return self.state is not None
 
-    def _require_fit(self, what: str) -> None:
-        if not self.fitted:
-            raise ConfigError(
-                f"attack 'dynamic': {what} needs the trigger generators, which are trained on the "
-                "training set; call poison(train) first"
-            )
-
     def _generators(self, device: torch.device) -> tuple[TriggerGenerator, TriggerGenerator]:
         """The fitted generators on ``device``, in eval mode (built once per device)."""
         if device not in self._nets:
@@ -208,14 +202,14 @@ class Dynamic(surrogate.SurrogateParams, Attack):
 
     def trigger(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-image pattern ``(N, 3, H, W)`` and sharpened mask ``(N, 1, H, W)`` of ``x``."""
-        self._require_fit("trigger")
+        self.require_fit("trigger")
         pattern_net, mask_net = self._generators(x.device)
         with torch.no_grad():
             xf = x.float()
             return pattern_net(xf).to(x.dtype), sharpen(mask_net(xf)).to(x.dtype)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        self._require_fit("apply")
+        self.require_fit("apply")
         out = torch.empty_like(x)
         for s in range(0, len(x), _APPLY_CHUNK):
             chunk = x[s : s + _APPLY_CHUNK]
@@ -350,7 +344,7 @@ class Dynamic(surrogate.SurrogateParams, Attack):
     @property
     def fit_accuracy(self) -> dict[str, float]:
         """The attacker classifier's last-epoch training accuracies (clean, backdoor, cross)."""
-        self._require_fit("fit_accuracy")
+        self.require_fit("fit_accuracy")
         assert self.state is not None
         clean, backdoor, cross = (float(v) for v in self.state["fit_accuracy"])
         return {"clean": clean, "backdoor": backdoor, "cross": cross}
@@ -364,10 +358,6 @@ class Dynamic(surrogate.SurrogateParams, Attack):
         """Fit the generators on the clean ``train`` split (cached), then trigger and relabel."""
         self.fit(train, device)
         return super().poison(train, device)
-
-    def triggered_test(self, test: ImageSplit, device: torch.device | str = "cpu") -> TriggeredTestSet:
-        self._require_fit("triggered_test")
-        return super().triggered_test(test, device)
 
 
 def _bar(epochs: int, desc: str):

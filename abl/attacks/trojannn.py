@@ -12,8 +12,7 @@ from abl.attacks import surrogate
 from abl.attacks.base import ATTACKS, Attack, load_pattern_file
 from abl.config import check
 from abl.data.loader import to_float
-from abl.data.types import ImageSplit, PoisonedSet, TriggeredTestSet
-from abl.errors import ConfigError
+from abl.data.types import ImageSplit, PoisonedSet
 
 _PROBE_IMAGES = 64  # clean images used to pick the neurons and to optimise the trigger
 
@@ -77,6 +76,7 @@ class TrojanNN(surrogate.SurrogateParams, Attack):
 
     #: the trigger is fitted by :meth:`poison`; nothing can be triggered before.
     needs_fit: ClassVar[bool] = True
+    fit_product: ClassVar[str] = "the trigger, which is optimised against a clean model of the training set"
 
     def validate(self) -> None:
         super().validate()
@@ -112,13 +112,6 @@ class TrojanNN(surrogate.SurrogateParams, Attack):
     def fitted(self) -> bool:
         return self.pattern_image is not None
 
-    def _require_fit(self, what: str) -> None:
-        if not self.fitted:
-            raise ConfigError(
-                f"attack 'trojannn': {what} needs the trigger, which is optimised against a clean model "
-                "of the training set; call poison(train) first"
-            )
-
     def artefacts(self) -> dict[str, torch.Tensor]:
         if not self.fitted:
             return {}
@@ -126,7 +119,7 @@ class TrojanNN(surrogate.SurrogateParams, Attack):
         return {"mask": self.trigger_mask, "pattern": self.pattern_image, "neurons": self.neuron_index}
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        self._require_fit("apply")
+        self.require_fit("apply")
         t = self._on(x.device, mask=self.trigger_mask, pattern=self.pattern_image)
         return torch.lerp(x, t["pattern"].to(x.dtype), t["mask"].to(x.dtype))
 
@@ -197,7 +190,3 @@ class TrojanNN(surrogate.SurrogateParams, Attack):
         """Fit the trigger on the clean ``train`` split (cached), then stamp and relabel."""
         self.fit(train, device)
         return super().poison(train, device)
-
-    def triggered_test(self, test: ImageSplit, device: torch.device | str = "cpu") -> TriggeredTestSet:
-        self._require_fit("triggered_test")
-        return super().triggered_test(test, device)

@@ -25,7 +25,7 @@ import torch
 from abl.config import check
 from abl.data.loader import AugmentConfig
 from abl.defenses.base import DEFENSES, Defense, DefenseResult, phase_metrics
-from abl.engine import Engine, Objective, mean_loss
+from abl.engine import Engine, Objective
 from abl.metrics import isolation_metrics
 
 _PAPER: dict[str, object] = dict(
