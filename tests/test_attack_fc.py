@@ -68,6 +68,28 @@ def test_poison_clean_label_budget_and_collision(digits32, tmp_path):
     assert float((after < before).float().mean()) >= 0.9, (before, after)
 
 
+def test_watermark_blends_the_triggered_source_in(digits32, tmp_path):
+    """Shafahi et al.'s end-to-end recipe: the eps ball is centred on the watermarked image."""
+    eps, opacity = 8 / 255, 0.3
+    attack = make(tmp_path, rate=0.05, eps=eps, watermark=opacity, steps=5)
+    data = attack.poison(digits32)
+    arts = attack.artefacts()
+    idx, src = arts["perturbed_indices"], arts["source_indices"]
+    centre = torch.lerp(to_float(digits32.images[idx]), attack.apply(to_float(digits32.images[src])), opacity)
+    gap = (to_float(data.images[idx]) - centre).abs()
+    assert float(gap.max()) <= eps + 1 / 255, "the perturbation stays within eps of the watermarked image"
+    plain = (to_float(data.images[idx]) - to_float(digits32.images[idx])).abs()
+    assert float(plain.max()) > eps + 2 / 255, "the watermark moves the images beyond eps"
+    # the poisons carry the trigger at about the watermark's opacity
+    corner = to_float(data.images[idx])[:, :, 29:, 29:]
+    expected = torch.lerp(to_float(digits32.images[idx])[:, :, 29:, 29:], GRID.float() / 255, opacity)
+    assert float((corner - expected).abs().max()) <= eps + 2 / 255
+    # and it is its own cache entry
+    assert len(list((tmp_path / "attacks").glob("fc-*"))) == 1
+    make(tmp_path, rate=0.05, eps=eps, steps=5).poison(digits32)
+    assert len(list((tmp_path / "attacks").glob("fc-*"))) == 2
+
+
 def test_pairing_with_replacement_when_few_sources(digits32, tmp_path):
     # keep only 3 source-class images: 15 poisoned images must share them
     keep = torch.cat([(digits32.labels != 1).nonzero().squeeze(1), (digits32.labels == 1).nonzero().squeeze(1)[:3]])
@@ -113,7 +135,7 @@ def test_triggered_test_is_source_only(digits32, tmp_path):
 
 
 def test_bad_params_name_their_key():
-    for key, value in (("eps", 0.0), ("eps", 1.5), ("steps", 0), ("lr", 0.0), ("patch_size", 0), ("source", -1), ("surrogate_model", "nope")):
+    for key, value in (("eps", 0.0), ("eps", 1.5), ("steps", 0), ("lr", 0.0), ("patch_size", 0), ("watermark", 1.0), ("watermark", -0.1), ("source", -1), ("surrogate_model", "nope")):
         with pytest.raises(ConfigError, match=f"attack.{key}"):
             ATTACKS.create({"name": "fc", key: value})
     with pytest.raises(ConfigError, match="attack.source"):

@@ -57,6 +57,10 @@ class FeatureCollision(surrogate.SurrogateParams, Attack):
         steps: optimisation steps (100).
         lr: signed-gradient step (0.01).
         patch_size: side of the square trigger patch (3).
+        watermark: opacity of the triggered source image blended into each target image
+            before the perturbation (0: none). Shafahi et al. add such a watermark (up to
+            0.3) when the victim trains end to end rather than only its last layer; the
+            ``eps`` ball is then centred on the watermarked image.
         surrogate_model: model name of the surrogate (``wrn``: WRN-16-1).
         surrogate_epochs, surrogate_lr, surrogate_batch_size, surrogate_seed: its training.
         cache_dir: where the surrogate and the perturbed set are cached.
@@ -71,6 +75,7 @@ class FeatureCollision(surrogate.SurrogateParams, Attack):
     steps: int = 100
     lr: float = 0.01
     patch_size: int = 3
+    watermark: float = 0.0
 
     clean_label = True
 
@@ -82,6 +87,7 @@ class FeatureCollision(surrogate.SurrogateParams, Attack):
         check(self.steps >= 1, "attack.steps", f"must be >= 1, got {self.steps}")
         check(self.lr > 0, "attack.lr", f"must be > 0, got {self.lr}")
         check(self.patch_size >= 1, "attack.patch_size", f"must be >= 1, got {self.patch_size}")
+        check(0.0 <= self.watermark < 1.0, "attack.watermark", f"must be in [0, 1), got {self.watermark}")
         self.validate_surrogate()
 
     # -- trigger --------------------------------------------------------------------
@@ -129,13 +135,15 @@ class FeatureCollision(surrogate.SurrogateParams, Attack):
         return candidates[pick]
 
     def _collide(self, model: torch.nn.Module, images: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
-        """uint8 ``images`` perturbed within ``eps`` so that their features approach those
-        of the triggered uint8 ``sources`` (same length), in batches."""
+        """uint8 ``images`` (watermarked, if ``watermark`` > 0) perturbed within ``eps`` so
+        that their features approach those of the triggered uint8 ``sources`` (same length),
+        in batches."""
         out = torch.empty_like(images)
         for b in range(0, len(images), _FC_BATCH):
-            x0 = to_float(images[b : b + _FC_BATCH])
+            triggered = self.apply(to_float(sources[b : b + _FC_BATCH]))
+            x0 = torch.lerp(to_float(images[b : b + _FC_BATCH]), triggered, self.watermark)
             with torch.no_grad():
-                goal = model.features(self.apply(to_float(sources[b : b + _FC_BATCH]))).float()
+                goal = model.features(triggered).float()
             x = x0.clone()
             for _ in range(self.steps):
                 x.requires_grad_(True)
@@ -160,6 +168,7 @@ class FeatureCollision(surrogate.SurrogateParams, Attack):
             "eps": self.eps,
             "steps": self.steps,
             "lr": self.lr,
+            "watermark": self.watermark,
             "trigger": surrogate.tensor_digest(self.pattern_image * self.mask),
             "indices": surrogate.tensor_digest(idx.to(torch.int64)),
             "sources": surrogate.tensor_digest(src.to(torch.int64)),
