@@ -222,7 +222,7 @@ class Engine:
             paired_batch_size=paired_batch_size,
         )
         n = len(self.data)
-        bar = _progress(range(epochs), phase, self.cfg.progress)
+        bar = progress_bar(range(epochs), phase, self.cfg.progress)
         self.model.train()
         for e in bar:
             current_lr = step_lr(lr, e, milestones, lr_factor)
@@ -281,7 +281,8 @@ class Engine:
         return torch.stack(self.example_losses)
 
 
-def _progress(it: range, desc: str, enabled: bool):
+def progress_bar(it: range, desc: str, enabled: bool | None):
+    """An epoch progress bar; ``enabled=None`` shows it only on an interactive terminal."""
     from tqdm.auto import tqdm
 
-    return tqdm(it, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    return tqdm(it, desc=desc, disable=None if enabled is None else not enabled, leave=False, dynamic_ncols=True)

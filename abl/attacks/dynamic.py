@@ -24,6 +24,7 @@ from abl.attacks.base import ATTACKS, Attack
 from abl.config import check
 from abl.data.loader import random_crop, random_flip, to_float
 from abl.data.types import ImageSplit, PoisonedSet
+from abl.engine import progress_bar
 from abl.errors import ConfigError
 
 _EPS = 1e-7
@@ -265,7 +266,7 @@ class Dynamic(surrogate.SurrogateParams, Attack):
         opt_m = torch.optim.Adam(mask_net.parameters(), self.generator_lr, betas=(0.5, 0.9))
         sched_m = torch.optim.lr_scheduler.MultiStepLR(opt_m, _fractions(self.mask_epochs, (0.4, 0.8)), 0.1)
         mask_net.train()
-        for _ in _bar(self.mask_epochs, "dynamic: mask generator"):
+        for _ in progress_bar(range(self.mask_epochs), "dynamic: mask generator", None):
             for i1, i2 in self._batches(n, gen, device):
                 x1, x2 = load(i1), load(i2)
                 m1, m2 = sharpen(mask_net(x1)), sharpen(mask_net(x2))
@@ -289,7 +290,8 @@ class Dynamic(surrogate.SurrogateParams, Attack):
         pattern_net.train()
         correct = torch.zeros(3, device=device)
         counts = torch.zeros(3, device=device)
-        bar = _bar(epochs, "dynamic: pattern generator + classifier")
+        # generation can take hours: a bar on a terminal, nothing in logs
+        bar = progress_bar(range(epochs), "dynamic: pattern generator + classifier", None)
         for epoch in bar:
             correct.zero_()
             counts.zero_()
@@ -358,13 +360,6 @@ class Dynamic(surrogate.SurrogateParams, Attack):
         """Fit the generators on the clean ``train`` split (cached), then trigger and relabel."""
         self.fit(train, device)
         return super().poison(train, device)
-
-
-def _bar(epochs: int, desc: str):
-    """An epoch progress bar, shown only on an interactive terminal (generation can take hours)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(range(epochs), desc=desc, disable=None, leave=False, dynamic_ncols=True)
 
 
 def _fractions(epochs: int, fractions: tuple[float, ...]) -> list[int]:
