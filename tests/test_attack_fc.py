@@ -42,7 +42,7 @@ def test_apply_is_the_grid_trigger(tmp_path):
 
 def test_poison_clean_label_budget_and_collision(digits32, tmp_path):
     eps = 16 / 255
-    attack = make(tmp_path, rate=0.05, target=0, source=1, eps=eps)
+    attack = make(tmp_path, rate=0.05, rate_of="dataset", target=0, source=1, eps=eps)
     data = attack.poison(digits32)
     m = data.poison_mask
     assert int(m.sum()) == round(0.05 * 300)
@@ -71,7 +71,7 @@ def test_poison_clean_label_budget_and_collision(digits32, tmp_path):
 def test_watermark_blends_the_triggered_source_in(digits32, tmp_path):
     """Shafahi et al.'s end-to-end recipe: the eps ball is centred on the watermarked image."""
     eps, opacity = 8 / 255, 0.3
-    attack = make(tmp_path, rate=0.05, eps=eps, watermark=opacity, steps=5)
+    attack = make(tmp_path, rate=0.05, rate_of="dataset", eps=eps, watermark=opacity, steps=5)
     data = attack.poison(digits32)
     arts = attack.artefacts()
     idx, src = arts["perturbed_indices"], arts["source_indices"]
@@ -86,7 +86,7 @@ def test_watermark_blends_the_triggered_source_in(digits32, tmp_path):
     assert float((corner - expected).abs().max()) <= eps + 2 / 255
     # and it is its own cache entry
     assert len(list((tmp_path / "attacks").glob("fc-*"))) == 1
-    make(tmp_path, rate=0.05, eps=eps, steps=5).poison(digits32)
+    make(tmp_path, rate=0.05, rate_of="dataset", eps=eps, steps=5).poison(digits32)
     assert len(list((tmp_path / "attacks").glob("fc-*"))) == 2
 
 
@@ -94,7 +94,7 @@ def test_pairing_with_replacement_when_few_sources(digits32, tmp_path):
     # keep only 3 source-class images: 15 poisoned images must share them
     keep = torch.cat([(digits32.labels != 1).nonzero().squeeze(1), (digits32.labels == 1).nonzero().squeeze(1)[:3]])
     small = digits32.subset(keep.sort().values)
-    attack = make(tmp_path, rate=0.05, steps=2)
+    attack = make(tmp_path, rate=0.05, rate_of="dataset", steps=2)
     attack.poison(small)
     src = attack.artefacts()["source_indices"]
     assert len(src) == round(0.05 * len(small)) and bool((small.labels[src] == 1).all())
@@ -103,11 +103,11 @@ def test_pairing_with_replacement_when_few_sources(digits32, tmp_path):
 
 def test_seed_determinism_and_cache(digits32, tmp_path, monkeypatch, surrogate_trainings):
     calls = surrogate_trainings
-    a = make(tmp_path / "a", seed=1, rate=0.05).poison(digits32)
-    b = make(tmp_path / "b", seed=1, rate=0.05).poison(digits32)  # fresh cache: recomputed
+    a = make(tmp_path / "a", seed=1, rate=0.05, rate_of="dataset").poison(digits32)
+    b = make(tmp_path / "b", seed=1, rate=0.05, rate_of="dataset").poison(digits32)  # fresh cache: recomputed
     assert len(calls) == 2
     assert torch.equal(a.images, b.images) and torch.equal(a.poison_mask, b.poison_mask)
-    c = make(tmp_path / "a", seed=2, rate=0.05).poison(digits32)  # surrogate reused, new poison set
+    c = make(tmp_path / "a", seed=2, rate=0.05, rate_of="dataset").poison(digits32)  # surrogate reused, new poison set
     assert len(calls) == 2
     assert not torch.equal(a.poison_mask, c.poison_mask) and not torch.equal(a.images, c.images)
 
@@ -116,7 +116,7 @@ def test_seed_determinism_and_cache(digits32, tmp_path, monkeypatch, surrogate_t
 
     monkeypatch.setattr(surrogate, "train_clean_model", boom)
     monkeypatch.setattr(type(make(tmp_path / "a")), "_collide", boom)
-    again = make(tmp_path / "a", seed=1, rate=0.05).poison(digits32)
+    again = make(tmp_path / "a", seed=1, rate=0.05, rate_of="dataset").poison(digits32)
     assert torch.equal(again.images, a.images)
     files = sorted(p.name.split("-")[0] for p in (tmp_path / "a" / "attacks").iterdir())
     assert files == ["fc", "fc", "surrogate"]

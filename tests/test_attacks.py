@@ -19,6 +19,9 @@ SIG_FILE = SHARED / "triggers" / "abl-official-sig-cifar10.npy"
 FAST_SURROGATE = {"surrogate_model": "small_cnn", "surrogate_epochs": 1}
 # attack-specific knobs that only cut the cost of fitting (the contract is about shapes)
 FAST_FIT = {"dynamic": {"mask_epochs": 1, "generator_width": 8}}
+# rate as a fraction of the whole training set for every attack (clean-label attacks
+# default to a fraction of the target class; tests/test_attack_variants.py covers that)
+WHOLE_SET = {name: {"rate_of": "dataset"} if ATTACKS.get(name).clean_label else {} for name in ATTACKS.names()}
 
 
 def _trigger_file(name: str) -> Path:
@@ -69,7 +72,7 @@ class TestAttackContract:
         assert torch.allclose(a, b)
 
     def test_poison_rate_honoured_and_recorded(self, name):
-        attack = make_attack(name, rate=0.05)
+        attack = make_attack(name, rate=0.05, **WHOLE_SET[name])
         data = attack.poison(split())
         assert int(data.poison_mask.sum()) == round(0.05 * 600)
         assert data.images.dtype == torch.uint8 and data.images.shape == (600, 3, 32, 32)
@@ -93,9 +96,9 @@ class TestAttackContract:
             assert bool((data.true_labels[poisoned] != 3).all())
 
     def test_seed_determinism(self, name):
-        a = make_attack(name, seed=1, rate=0.05).poison(split())
-        b = make_attack(name, seed=1, rate=0.05).poison(split())
-        c = make_attack(name, seed=2, rate=0.05).poison(split())
+        a = make_attack(name, seed=1, rate=0.05, **WHOLE_SET[name]).poison(split())
+        b = make_attack(name, seed=1, rate=0.05, **WHOLE_SET[name]).poison(split())
+        c = make_attack(name, seed=2, rate=0.05, **WHOLE_SET[name]).poison(split())
         assert torch.equal(a.poison_mask, b.poison_mask) and torch.equal(a.images, b.images)
         assert not torch.equal(a.poison_mask, c.poison_mask)
 
@@ -197,7 +200,7 @@ def test_sig_signal_and_the_authors_file():
 
 
 def test_clean_label_rate_cannot_exceed_target_class():
-    attack = make_attack("sig", rate=0.5)
+    attack = make_attack("sig", rate=0.5, rate_of="dataset")
     with pytest.raises(ConfigError, match="target-class"):
         attack.poison(split())
 

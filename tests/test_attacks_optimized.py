@@ -75,7 +75,7 @@ def test_train_clean_model_learns(digits32):
 
 def test_cl_clean_label_budget_and_trigger(digits32, tmp_path):
     eps = 8 / 255
-    attack = make("cl", tmp_path, rate=0.05, target=3, eps=eps)
+    attack = make("cl", tmp_path, rate=0.05, rate_of="dataset", target=3, eps=eps)
     assert attack.clean_label
     data = attack.poison(digits32)
     m = data.poison_mask
@@ -116,17 +116,17 @@ def test_cl_four_corners_and_amplitude(tmp_path):
 
 def test_cl_seed_determinism_and_cache(digits32, tmp_path, monkeypatch, surrogate_trainings):
     calls = surrogate_trainings
-    a = make("cl", tmp_path / "a", seed=1, rate=0.05).poison(digits32)
-    b = make("cl", tmp_path / "b", seed=1, rate=0.05).poison(digits32)  # fresh cache: recomputed
+    a = make("cl", tmp_path / "a", seed=1, rate=0.05, rate_of="dataset").poison(digits32)
+    b = make("cl", tmp_path / "b", seed=1, rate=0.05, rate_of="dataset").poison(digits32)  # fresh cache: recomputed
     assert len(calls) == 2
     assert torch.equal(a.images, b.images) and torch.equal(a.poison_mask, b.poison_mask)
-    c = make("cl", tmp_path / "a", seed=2, rate=0.05).poison(digits32)  # surrogate reused, new PGD set
+    c = make("cl", tmp_path / "a", seed=2, rate=0.05, rate_of="dataset").poison(digits32)  # surrogate reused, new PGD set
     assert len(calls) == 2
     assert not torch.equal(a.poison_mask, c.poison_mask) and not torch.equal(a.images, c.images)
-    again = make("cl", tmp_path / "a", seed=1, rate=0.05).poison(digits32)
+    again = make("cl", tmp_path / "a", seed=1, rate=0.05, rate_of="dataset").poison(digits32)
     assert len(calls) == 2 and torch.equal(again.images, a.images)
     # a different budget is a different cache entry, but the surrogate is shared
-    make("cl", tmp_path / "a", seed=1, rate=0.05, eps=4 / 255).poison(digits32)
+    make("cl", tmp_path / "a", seed=1, rate=0.05, rate_of="dataset", eps=4 / 255).poison(digits32)
     assert len(calls) == 2
 
 

@@ -32,17 +32,27 @@ class Attack:
     """Base attack: poisoning ``rate`` of the training set towards ``target``.
 
     Parameters (shared by every attack):
-        rate: fraction of the whole training set that is poisoned (0.1 in the ABL paper).
+        rate: fraction of the examples named by ``rate_of`` that is poisoned (0.1 in the
+            ABL paper).
         target: the target label (0 for CIFAR-10 and ImageNet, 1 for GTSRB in the paper).
         labelling: ``all2one`` relabels poisoned examples to ``target``; ``all2all``
             relabels class ``y`` to ``(y + 1) mod C``.
         seed: seeds the choice of poisoned examples (and any random trigger).
+        rate_of: what ``rate`` is a fraction of: ``dataset`` (the whole training set) or
+            ``target_class`` (the target-class training images; clean-label attacks only,
+            where it is their default, see :class:`CleanLabelAttack`).
+        poison_candidates: which images an all-to-one dirty-label attack may poison:
+            ``non_target`` (ours: every poisoned image changes label) or ``all``
+            (the authors' code, bboylyg/ABL at 3fd736c, draws from every class, so some
+            poisoned images are target-class images that keep their label).
     """
 
     rate: float = 0.1
     target: int = 0
     labelling: Literal["all2one", "all2all"] = "all2one"
     seed: int = 0
+    rate_of: Literal["dataset", "target_class"] = "dataset"
+    poison_candidates: Literal["non_target", "all"] = "non_target"
 
     #: clean-label attacks poison only target-class images and keep every label.
     clean_label: ClassVar[bool] = False
@@ -51,10 +61,20 @@ class Attack:
     needs_fit: ClassVar[bool] = False
 
     def validate(self) -> None:
-        check(0.0 < self.rate < 1.0, "attack.rate", f"must be in (0, 1), got {self.rate}")
+        if self.rate_of == "target_class":  # all of one class is a sane clean-label budget
+            check(0.0 < self.rate <= 1.0, "attack.rate", f"must be in (0, 1] of the target class, got {self.rate}")
+        else:
+            check(0.0 < self.rate < 1.0, "attack.rate", f"must be in (0, 1), got {self.rate}")
         check(self.target >= 0, "attack.target", f"must be a class index >= 0, got {self.target}")
         if self.clean_label:
             check(self.labelling == "all2one", "attack.labelling", "must be all2one for a clean-label attack")
+        else:
+            check(self.rate_of == "dataset", "attack.rate_of", "must be 'dataset' for a dirty-label attack ('target_class' is for clean-label ones)")
+        check(
+            self.poison_candidates == "non_target" or (not self.clean_label and self.labelling == "all2one"),
+            "attack.poison_candidates",
+            "can be 'all' only for an all2one dirty-label attack",
+        )
 
     # -- set-up -----------------------------------------------------------------
     def setup(self, image_size: int, num_classes: int) -> None:
@@ -101,21 +121,23 @@ class Attack:
     def select(self, labels: torch.Tensor) -> torch.Tensor:
         """Seeded boolean mask of the training examples to poison."""
         labels = labels.cpu()
-        n_poison = int(round(self.rate * len(labels)))
         if self.clean_label:
-            candidates = (labels == self.target).nonzero().squeeze(1)
-        elif self.labelling == "all2one":
-            candidates = (labels != self.target).nonzero().squeeze(1)
+            candidates, kind = (labels == self.target).nonzero().squeeze(1), "target-class "
+        elif self.labelling == "all2one" and self.poison_candidates == "non_target":
+            candidates, kind = (labels != self.target).nonzero().squeeze(1), "non-target "
         else:
-            candidates = torch.arange(len(labels))
+            candidates, kind = torch.arange(len(labels)), ""
+        # rate_of=target_class: clean-label candidates are exactly the target class.
+        base = len(candidates) if self.rate_of == "target_class" else len(labels)
+        n_poison = int(round(self.rate * base))
         if n_poison > len(candidates):
-            kind = "target-class" if self.clean_label else "non-target"
             raise ConfigError(
                 f"'attack.rate' {self.rate} asks for {n_poison} poisoned examples but only "
-                f"{len(candidates)} {kind} examples exist; lower the rate"
+                f"{len(candidates)} {kind}examples exist; lower the rate"
             )
         if n_poison == 0:
-            raise ConfigError(f"'attack.rate' {self.rate} poisons no example of {len(labels)}; raise the rate")
+            of = f"{base} target-class examples" if self.rate_of == "target_class" else f"{base}"
+            raise ConfigError(f"'attack.rate' {self.rate} poisons no example of {of}; raise the rate")
         gen = torch.Generator().manual_seed(self.seed)
         chosen = candidates[torch.randperm(len(candidates), generator=gen)[:n_poison]]
         mask = torch.zeros(len(labels), dtype=torch.bool)
@@ -171,6 +193,24 @@ class Attack:
         keep = self.test_mask(labels).nonzero().squeeze(1)
         images = self.apply_uint8(test.images.to(device)[keep])
         return TriggeredTestSet(images, labels[keep], attack_labels[keep])
+
+
+@dataclass
+class CleanLabelAttack(Attack):
+    """Base of the clean-label attacks: they poison target-class images only and keep
+    every label, and by default count ``rate`` within the target class.
+
+    Parameters:
+        rate_of: ``target_class`` (default): ``rate`` is a fraction of the target-class
+            training images, as in the authors' clean-label code (bboylyg/ABL at 3fd736c),
+            Turner et al. (2019) and Barni et al. (2019); ``dataset``: a fraction of the
+            whole training set (this project's earlier meaning; 0.1 on CIFAR-10 is every
+            target-class image).
+    """
+
+    rate_of: Literal["dataset", "target_class"] = "target_class"
+
+    clean_label: ClassVar[bool] = True
 
 
 def load_pattern_file(path: str, image_size: int, where: str, *, resize: bool = False) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from abl.attacks import surrogate
 from abl.attacks.badnets import AUTHORS_GRID
-from abl.attacks.base import ATTACKS, Attack
+from abl.attacks.base import ATTACKS, CleanLabelAttack
 from abl.config import check
 from abl.data.loader import to_float
 from abl.data.types import ImageSplit, PoisonedSet
@@ -22,7 +22,7 @@ _PGD_BATCH = 256
 
 @ATTACKS.register("cl")
 @dataclass
-class LabelConsistent(surrogate.SurrogateParams, Attack):
+class LabelConsistent(surrogate.SurrogateParams, CleanLabelAttack):
     """Label-consistent (CL) backdoor: clean-label, so only target-class images are
     poisoned and no label changes.
 
@@ -47,6 +47,9 @@ class LabelConsistent(surrogate.SurrogateParams, Attack):
     ``~/.cache/abl``); :meth:`artefacts` returns the perturbed images (before the trigger)
     and their indices once poisoned.
 
+    ``rate`` counts within the target class unless ``rate_of: dataset``
+    (:class:`~abl.attacks.base.CleanLabelAttack`).
+
     Parameters:
         eps: L-inf budget of the perturbation, in [0, 1] units (16/255).
         steps: PGD steps (10).
@@ -59,7 +62,7 @@ class LabelConsistent(surrogate.SurrogateParams, Attack):
 
     Example::
 
-        ATTACKS.create({"name": "cl", "rate": 0.025, "target": 0, "eps": 16 / 255})
+        ATTACKS.create({"name": "cl", "rate": 0.25, "target": 0, "eps": 16 / 255})  # 1/4 of class 0
     """
 
     eps: float = 16 / 255
@@ -67,8 +70,6 @@ class LabelConsistent(surrogate.SurrogateParams, Attack):
     step_size: float | None = None
     corners: Literal[1, 4] = 1
     amplitude: float = 1.0
-
-    clean_label = True
 
     def validate(self) -> None:
         super().validate()

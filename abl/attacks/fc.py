@@ -12,7 +12,7 @@ import torch
 
 from abl.attacks import surrogate
 from abl.attacks.badnets import AUTHORS_GRID
-from abl.attacks.base import ATTACKS, Attack
+from abl.attacks.base import ATTACKS, CleanLabelAttack
 from abl.config import check
 from abl.data.loader import to_float
 from abl.data.types import ImageSplit, PoisonedSet
@@ -23,7 +23,7 @@ _FC_BATCH = 256
 
 @ATTACKS.register("fc")
 @dataclass
-class FeatureCollision(surrogate.SurrogateParams, Attack):
+class FeatureCollision(surrogate.SurrogateParams, CleanLabelAttack):
     """Feature-collision (FC) hidden-trigger backdoor: clean-label, so only target-class
     images are poisoned and no label changes.
 
@@ -51,6 +51,9 @@ class FeatureCollision(surrogate.SurrogateParams, Attack):
     returns the trigger and, once poisoned, the perturbed images, their indices and the
     indices of their paired source images.
 
+    ``rate`` counts within the target class unless ``rate_of: dataset``
+    (:class:`~abl.attacks.base.CleanLabelAttack`).
+
     Parameters:
         source: the source class whose triggered images are flipped to ``target`` (1).
         eps: L-inf budget of the perturbation, in [0, 1] units (16/255).
@@ -67,7 +70,7 @@ class FeatureCollision(surrogate.SurrogateParams, Attack):
 
     Example::
 
-        ATTACKS.create({"name": "fc", "rate": 0.05, "target": 0, "source": 1})
+        ATTACKS.create({"name": "fc", "rate": 0.5, "target": 0, "source": 1})  # half of class 0
     """
 
     source: int = 1
@@ -76,8 +79,6 @@ class FeatureCollision(surrogate.SurrogateParams, Attack):
     lr: float = 0.01
     patch_size: int = 3
     watermark: float = 0.0
-
-    clean_label = True
 
     def validate(self) -> None:
         super().validate()

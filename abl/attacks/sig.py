@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from abl.attacks.base import ATTACKS, Attack
+from abl.attacks.base import ATTACKS, CleanLabelAttack
 from abl.config import check
 from abl.errors import DataError
 
 
 @ATTACKS.register("sig")
 @dataclass
-class SIG(Attack):
-    """Sinusoidal signal backdoor, clean-label: only target-class images carry it.
+class SIG(CleanLabelAttack):
+    """Sinusoidal signal backdoor, clean-label: only target-class images carry it
+    (``rate`` counts within the target class unless ``rate_of: dataset``).
 
     ``x' = clip(x + v)`` with ``v[i, j] = delta * sin(2 pi j f / m)`` on the 0-255 scale
     (``m`` the image width), the same on every row and channel. Labels are never changed;
@@ -33,14 +34,12 @@ class SIG(Attack):
 
     Example::
 
-        ATTACKS.create({"name": "sig", "rate": 0.1, "target": 0})
+        ATTACKS.create({"name": "sig", "rate": 0.1, "target": 0})  # 10% of class 0
     """
 
     delta: float = 20.0
     frequency: float = 6.0
     pattern_file: str | None = None
-
-    clean_label = True
 
     def validate(self) -> None:
         super().validate()
