@@ -97,3 +97,40 @@ def test_poison_candidates_is_validated():
     for spec in ({"name": "sig"}, {"name": "badnets", "labelling": "all2all"}):
         with pytest.raises(ConfigError, match="attack.poison_candidates"):
             ATTACKS.create({**spec, "poison_candidates": "all"})
+
+
+# ------------------------------------------------------------------ Blend per-image noise
+
+
+def test_blend_per_image_gray_noise():
+    attack = make("blend", pattern="per_image_gray", alpha=0.2)
+    y = attack.apply_at(torch.zeros(4, 3, 32, 32), torch.tensor([3, 9, 4, 1]), "train") / 0.2
+    assert torch.equal(y[:, 0], y[:, 1]) and torch.equal(y[:, 0], y[:, 2]), "grayscale: one value per pixel"
+    assert all(not torch.equal(y[0], y[k]) for k in (1, 2, 3)), "a fresh pattern per image"
+    assert abs(float(y.mean()) - 0.5) < 0.03 and float(y.min()) == 0 and float(y.max()) == pytest.approx(1.0)
+    assert attack.artefacts() == {}
+    # deterministic in (pattern_seed, split, position), whatever the batch
+    x = torch.rand(4, 3, 32, 32)
+    idx = torch.tensor([3, 9, 4, 1])
+    both = attack.apply_at(x, idx, "train")
+    assert torch.equal(both[1:3], attack.apply_at(x[1:3], idx[1:3], "train"))
+    assert torch.equal(both, make("blend", pattern="per_image_gray").apply_at(x, idx, "train"))
+    assert torch.allclose(both, 0.8 * x + 0.2 * attack.noise(idx, "train"))
+    assert not torch.equal(both, attack.apply_at(x, idx, "test")), "test positions draw other noise"
+    assert not torch.equal(both, make("blend", pattern="per_image_gray", pattern_seed=1).apply_at(x, idx, "train"))
+
+
+def test_blend_per_image_gray_poison_and_test_use_positions():
+    attack = make("blend", pattern="per_image_gray", rate=0.1)
+    train = split()
+    data = attack.poison(train)
+    idx = data.poison_mask.nonzero().squeeze(1)
+    expected = (torch.lerp(to_float(train.images[idx]), attack.noise(idx, "train"), 0.2) * 255).round().to(torch.uint8)
+    assert torch.equal(data.images[idx], expected)
+    test = split(100, seed=3)
+    trig = attack.triggered_test(test)
+    keep = (test.labels != 0).nonzero().squeeze(1)
+    expected = (torch.lerp(to_float(test.images[keep]), attack.noise(keep, "test"), 0.2) * 255).round().to(torch.uint8)
+    assert torch.equal(trig.images, expected)
+    with pytest.raises(ConfigError, match="attack.pattern"):
+        ATTACKS.create({"name": "blend", "pattern": "per_image_gray", "pattern_file": "x.png"})

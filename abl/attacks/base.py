@@ -148,6 +148,11 @@ class Attack:
         """Trigger a float batch ``(N, 3, H, W)`` in [0, 1]; same shape, still in [0, 1]."""
         raise NotImplementedError
 
+    def apply_at(self, x: torch.Tensor, index: torch.Tensor, split: Literal["train", "test"]) -> torch.Tensor:
+        """:meth:`apply` to images at positions ``index`` of their ``split``. Only attacks
+        whose trigger differs per image (Blend's per-image noise) use the positions."""
+        return self.apply(x)
+
     def stamp_patch(self, x: torch.Tensor) -> torch.Tensor:
         """``lerp(x, pattern, mask)`` with the attack's ``pattern_image`` and ``mask``: the
         ``apply`` of every attack whose trigger is a patch pasted over the image."""
@@ -161,11 +166,15 @@ class Attack:
         return (labels + 1) % self.num_classes
 
     # -- derived operations -------------------------------------------------------
-    def apply_uint8(self, images: torch.Tensor) -> torch.Tensor:
-        """Trigger uint8 images in chunks and quantise back to uint8 (as a stored file would be)."""
+    def apply_uint8(
+        self, images: torch.Tensor, index: torch.Tensor | None = None, split: Literal["train", "test"] = "train"
+    ) -> torch.Tensor:
+        """Trigger uint8 images in chunks and quantise back to uint8 (as a stored file would be);
+        with ``index`` (the images' positions in ``split``) through :meth:`apply_at`."""
         out = torch.empty_like(images)
         for s in range(0, len(images), _CHUNK):
-            x = self.apply(to_float(images[s : s + _CHUNK]))
+            x = to_float(images[s : s + _CHUNK])
+            x = self.apply(x) if index is None else self.apply_at(x, index[s : s + _CHUNK], split)
             out[s : s + _CHUNK] = x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
         return out
 
@@ -176,7 +185,7 @@ class Attack:
         true_labels = train.labels.to(device)
         labels = true_labels.clone()
         idx = mask.nonzero().squeeze(1).to(device)
-        images[idx] = self.apply_uint8(images[idx])
+        images[idx] = self.apply_uint8(images[idx], idx, "train")
         labels[idx] = true_labels[idx] if self.clean_label else self.relabel(true_labels[idx])
         return PoisonedSet(images, labels, true_labels, mask.to(device))
 
@@ -191,7 +200,7 @@ class Attack:
         labels = test.labels.to(device)
         attack_labels = self.relabel(labels)
         keep = self.test_mask(labels).nonzero().squeeze(1)
-        images = self.apply_uint8(test.images.to(device)[keep])
+        images = self.apply_uint8(test.images.to(device)[keep], keep, "test")
         return TriggeredTestSet(images, labels[keep], attack_labels[keep])
 
 
