@@ -134,3 +134,29 @@ def test_blend_per_image_gray_poison_and_test_use_positions():
     assert torch.equal(trig.images, expected)
     with pytest.raises(ConfigError, match="attack.pattern"):
         ATTACKS.create({"name": "blend", "pattern": "per_image_gray", "pattern_file": "x.png"})
+
+
+# ------------------------------------------------------------------ SIG official blend
+
+
+def test_sig_official_blend_uses_the_stored_mask():
+    path = trigger_file("abl-official-sig-cifar10.npy")
+    raw = torch.from_numpy(np.load(path).astype(np.float32))  # unsigned, as the authors read it
+    assert float(raw.max()) >= 236, "the file's wrapped negative half"
+    attack = make("sig", mode="official_blend", pattern_file=path)
+    assert attack.alpha == 0.2
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.allclose(attack.apply(x.clone()), 0.8 * x + 0.2 * raw / 255, atol=1e-6)
+    data = attack.poison(split())
+    m = data.poison_mask
+    expected = 0.8 * split().images[m].float() + 0.2 * raw
+    assert float((data.images[m].float() - expected).abs().max()) <= 0.5 + 1e-3
+    additive = make("sig", pattern_file=path)  # our reading: signed, added
+    assert not torch.allclose(additive.apply(x.clone()), attack.apply(x.clone()))
+
+
+def test_sig_official_blend_needs_the_file():
+    with pytest.raises(ConfigError, match="attack.pattern_file"):
+        ATTACKS.create({"name": "sig", "mode": "official_blend"})
+    with pytest.raises(ConfigError, match="attack.alpha"):
+        ATTACKS.create({"name": "sig", "alpha": 0.0})
