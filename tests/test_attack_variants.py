@@ -160,3 +160,35 @@ def test_sig_official_blend_needs_the_file():
         ATTACKS.create({"name": "sig", "mode": "official_blend"})
     with pytest.raises(ConfigError, match="attack.alpha"):
         ATTACKS.create({"name": "sig", "alpha": 0.0})
+
+
+# ------------------------------------------------------------------ Trojan wrap-around
+
+
+def test_trojan_wrap_reproduces_the_uint8_cast():
+    raw = np.load(trigger_file("abl-official-trojan-cifar10.npz"))["x"]  # (3, 32, 32), 0-250
+    images = split(20).images
+    attack = make("trojan", overflow="wrap")
+    got = attack.apply_uint8(images)
+    # the authors' code: uint8 image + float trigger, cast back to uint8 (truncate, wrap)
+    expected = np.floor(images.numpy().astype(np.float64) + raw).astype(np.int64) % 256
+    assert np.array_equal(got.numpy(), expected)
+    patch = (slice(None), slice(None), slice(25, 28), slice(25, 28))
+    wrapped = np.floor(images.numpy()[patch].astype(np.float64) + raw[:, 25:28, 25:28]) > 255
+    assert 0.2 < wrapped.mean() < 0.8, "a good part of the patch wraps on random images"
+    clamped = make("trojan").apply_uint8(images).numpy()
+    assert (clamped[patch][wrapped] == 255).all() and (got.numpy()[patch][wrapped] < 255).all()
+    with pytest.raises(ConfigError, match="attack.overflow"):
+        make("trojan", overflow="wrap", mode="stamp")
+
+
+def test_trojan_wrap_truncates_fractional_trigger_values(tmp_path):
+    # the shipped file's fractions all lie below 0.5, where truncating and rounding agree
+    trigger = np.zeros((3, 32, 32), dtype=np.float32)
+    trigger[:, 0, 0] = 10.7
+    np.save(tmp_path / "t.npy", trigger)
+    images = torch.full((1, 3, 32, 32), 250, dtype=torch.uint8)
+    wrap = make("trojan", trigger_file=str(tmp_path / "t.npy"), overflow="wrap").apply_uint8(images)
+    assert wrap[0, :, 0, 0].tolist() == [4, 4, 4] and torch.equal(wrap[0, :, 1:], images[0, :, 1:])  # floor(260.7) - 256
+    images[:] = 100
+    assert make("trojan", trigger_file=str(tmp_path / "t.npy"), overflow="wrap").apply_uint8(images)[0, 0, 0, 0] == 110
