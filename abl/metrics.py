@@ -3,7 +3,9 @@
 Definitions follow the ABL paper (Li et al., NeurIPS 2021): CA is accuracy on the clean
 test set; ASR is, among triggered test images whose true label is not the attack label,
 the fraction classified as the attack label; RA is the fraction of those classified as
-their true label; isolation precision/recall compare the isolated set with the true
+their true label; ``clean_acc_nontarget`` is CA on the test images outside the target
+class of an all-to-one attack (the authors' code, bboylyg/ABL at 3fd736c, reports this as
+its clean accuracy); isolation precision/recall compare the isolated set with the true
 poison mask.
 """
 
@@ -77,8 +79,22 @@ def evaluate(
     triggered: TriggeredTestSet | None,
     **predict_kw,
 ) -> dict[str, float]:
-    """CA, and ASR/RA when a triggered test set is given."""
-    out = {"clean_acc": clean_accuracy(predict(model, clean.images, **predict_kw), clean.labels)}
+    """CA, and ASR/RA when a triggered test set is given (plus CA without the target class
+    when every triggered image has the same attack label, i.e. an all-to-one attack)."""
+    preds = predict(model, clean.images, **predict_kw)
+    out = {"clean_acc": clean_accuracy(preds, clean.labels)}
     if triggered is not None:
         out.update(attack_metrics(predict(model, triggered.images, **predict_kw), triggered))
+        target = single_attack_label(triggered)
+        if target is not None:
+            keep = clean.labels.to(preds.device) != target
+            out["clean_acc_nontarget"] = clean_accuracy(preds[keep], clean.labels.to(preds.device)[keep])
     return out
+
+
+def single_attack_label(triggered: TriggeredTestSet) -> int | None:
+    """The target of an all-to-one triggered set; ``None`` if it is empty or its attack labels differ."""
+    labels = triggered.attack_labels
+    if len(labels) == 0 or not bool((labels == labels[0]).all()):
+        return None
+    return int(labels[0])

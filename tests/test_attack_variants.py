@@ -192,3 +192,41 @@ def test_trojan_wrap_truncates_fractional_trigger_values(tmp_path):
     assert wrap[0, :, 0, 0].tolist() == [4, 4, 4] and torch.equal(wrap[0, :, 1:], images[0, :, 1:])  # floor(260.7) - 256
     images[:] = 100
     assert make("trojan", trigger_file=str(tmp_path / "t.npy"), overflow="wrap").apply_uint8(images)[0, 0, 0, 0] == 110
+
+
+# ------------------------------------------------------------------ clean_acc_nontarget
+
+
+class _Lookup(torch.nn.Module):
+    """Predicts the class written in pixel (0, 0) of channel 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = (x[:, 0, 0, 0] * 255).round().long()
+        return torch.nn.functional.one_hot(cls, 10).float() + 0 * self.dummy
+
+
+def _images(classes: torch.Tensor) -> torch.Tensor:
+    images = torch.zeros(len(classes), 3, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = classes.to(torch.uint8)
+    return images
+
+
+def test_clean_acc_nontarget():
+    labels = torch.arange(20) % 10
+    preds = labels.clone()
+    preds[labels == 0] = 1  # every target-class image wrong, the rest right
+    clean = ImageSplit(_images(preds), labels)
+    true = labels[labels != 0]
+    one = TriggeredTestSet(_images(torch.zeros(18, dtype=torch.long)), true, torch.zeros(18, dtype=torch.long))
+    out = evaluate(_Lookup(), clean, one)
+    assert out["clean_acc"] == pytest.approx(0.9) and out["clean_acc_nontarget"] == 1.0 and out["asr"] == 1.0
+    # a target the model gets right everywhere else: only that class is left out
+    out = evaluate(_Lookup(), clean, TriggeredTestSet(one.images, labels[labels != 3], torch.full((18,), 3)))
+    assert out["clean_acc_nontarget"] == pytest.approx(16 / 18)
+    all2all = TriggeredTestSet(_images(true), true, (true + 1) % 10)
+    assert "clean_acc_nontarget" not in evaluate(_Lookup(), clean, all2all)
+    assert set(evaluate(_Lookup(), clean, None)) == {"clean_acc"}
