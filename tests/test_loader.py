@@ -80,3 +80,28 @@ def test_loader_seeded_order():
     b = [idx.tolist() for _, _, idx in TensorLoader(images, labels, 4, seed=3)]
     c = [idx.tolist() for _, _, idx in TensorLoader(images, labels, 4, shuffle=False)]
     assert a == b and c[0] == [0, 1, 2, 3]
+
+
+def test_paired_batches_never_repeat_and_visit_evenly():
+    images = torch.zeros(100, 3, 4, 4, dtype=torch.uint8)
+    labels = torch.zeros(100, dtype=torch.long)
+    paired = torch.arange(50, 57)  # 7 examples, 3 per batch: most cycles end mid-batch
+    loader = TensorLoader(images, labels, 1, index=torch.arange(35), paired=paired, paired_batch_size=3, seed=0)
+    counts = torch.zeros(100, dtype=torch.long)
+    for epoch in range(4):
+        for _, _, idx in loader:
+            extra = idx[1:]
+            assert len(extra) == 3 and len(extra.unique()) == 3, f"repeated paired example in {extra.tolist()}"
+            counts.index_add_(0, extra, torch.ones(3, dtype=torch.long))
+        # 35 batches x 3 = 105 = 15 cycles of 7: each example exactly 15 times per epoch
+        assert counts[paired].tolist() == [15 * (epoch + 1)] * 7
+    assert int(counts.sum()) == 4 * 105
+
+
+def test_paired_batch_larger_than_paired_takes_each_once():
+    images = torch.zeros(20, 3, 4, 4, dtype=torch.uint8)
+    labels = torch.zeros(20, dtype=torch.long)
+    paired = torch.tensor([11, 13, 17])
+    loader = TensorLoader(images, labels, 2, index=torch.arange(10), paired=paired, paired_batch_size=8, seed=0)
+    for _, _, idx in loader:
+        assert sorted(idx[2:].tolist()) == [11, 13, 17]

@@ -124,20 +124,34 @@ class TensorLoader:
         n = len(self.index)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def _new_paired_cycle(self) -> torch.Tensor:
+        return self.paired[torch.randperm(len(self.paired), device=self.device, generator=self.generator)]
+
     def _next_paired(self) -> torch.Tensor:
+        """The next ``paired_batch_size`` paired examples (all of them, each once, if fewer).
+
+        The paired subset is visited in cycles, each a permutation, so every example is
+        drawn equally often. When a batch straddles two cycles its remainder comes from
+        the new cycle's examples that the batch does not already hold; those move to the
+        front of the new cycle and the skipped ones are drawn later in it, so no batch
+        holds an example twice and each cycle still visits every example once.
+        """
         assert self.paired is not None
         k = min(self.paired_batch_size, len(self.paired))
-        out = []
-        while k > 0:
-            if self._paired_order is None or self._paired_pos >= len(self._paired_order):
-                perm = torch.randperm(len(self.paired), device=self.device, generator=self.generator)
-                self._paired_order = self.paired[perm]
-                self._paired_pos = 0
-            take = self._paired_order[self._paired_pos : self._paired_pos + k]
-            self._paired_pos += len(take)
-            k -= len(take)
-            out.append(take)
-        return torch.cat(out)
+        if self._paired_order is None or self._paired_pos >= len(self._paired_order):
+            self._paired_order, self._paired_pos = self._new_paired_cycle(), 0
+        take = self._paired_order[self._paired_pos : self._paired_pos + k]
+        self._paired_pos += len(take)
+        rest = k - len(take)
+        if rest == 0:
+            return take
+        cycle = self._new_paired_cycle()
+        free = ~torch.isin(cycle, take)
+        # the first `rest` examples of the new cycle that this batch does not hold yet
+        head = free & (torch.cumsum(free, 0) <= rest)
+        self._paired_order = torch.cat([cycle[head], cycle[~head]])
+        self._paired_pos = rest
+        return torch.cat([take, cycle[head]])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = self.index
