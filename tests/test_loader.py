@@ -44,6 +44,48 @@ def test_cutout_zeros_one_clipped_square():
     assert bool((y[:, 0] == y[:, 1]).all()), "the same hole on every channel"
 
 
+def _hole_boxes(y: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
+    """Per image: (top, bottom, left, right, zero count) of the zeroed pixels (channel 0)."""
+    out = []
+    for img in y[:, 0]:
+        rows = (img == 0).any(1).nonzero().squeeze(1)
+        cols = (img == 0).any(0).nonzero().squeeze(1)
+        out.append((int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1]), int((img == 0).sum())))
+    return out
+
+
+def _check_holes(y: torch.Tensor, length: int) -> None:
+    """Each hole is a full rectangle, exactly length x length away from the borders and
+    clipped (but at least length - length // 2 wide) where it meets one."""
+    size = y.shape[-1]
+    interior = clipped = 0
+    for top, bottom, left, right, zeros in _hole_boxes(y):
+        h, w = bottom - top + 1, right - left + 1
+        assert zeros == h * w, "the zeroed pixels form one rectangle"
+        for lo, hi, extent in ((top, bottom, h), (left, right, w)):
+            if lo > 0 and hi < size - 1:
+                assert extent == length
+            else:
+                assert length - length // 2 <= extent <= length
+        if top > 0 and left > 0 and bottom < size - 1 and right < size - 1:
+            interior += 1
+            assert zeros == length * length
+        else:
+            clipped += 1
+    assert interior > 0 and clipped > 0, "the draw must cover both cases"
+
+
+def test_cutout_hole_is_length_square_and_clipped_at_borders():
+    for length in (9, 4):
+        x = torch.ones(300, 3, 32, 32)
+        y = cutout(x, length, torch.Generator().manual_seed(length))
+        _check_holes(y, length)
+    # through the augmentation pipeline: AugmentConfig.cutout is the hole's side
+    x = torch.ones(300, 3, 32, 32)
+    y = augment(x, AugmentConfig(crop_padding=0, flip=False, cutout=9), torch.Generator().manual_seed(2))
+    _check_holes(y, 9)
+
+
 def test_augment_changes_batch_keeps_shape():
     x = torch.rand(16, 3, 32, 32)
     y = augment(x, AugmentConfig(), torch.Generator().manual_seed(1))
