@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from abl.attacks import ATTACKS
 from abl.data import DATASETS
+from abl.data.loader import AugmentConfig, to_float
 from abl.defenses.abl import flooding_objective, gga_objective, lga_batch_objective, lga_objective
 from abl.engine import Engine, TrainConfig, step_lr
 from abl.errors import DivergenceError
@@ -81,6 +84,65 @@ def test_eval_subset_and_full(digits_poisoned):
     full = engine.evaluate(full=True)
     assert set(sub) == set(full) == {"clean_acc", "asr", "robust_acc"}
     assert engine._eval_index is not None and len(engine._eval_index) == 50
+
+
+def test_per_example_loss_is_eval_mode_and_unaugmented(digits_poisoned):
+    engine = make_engine(digits_poisoned, eval_batch_size=100)  # several ranking batches
+    engine.run_phase("a", epochs=1, lr=0.05, augment=AugmentConfig())  # BN running stats != batch stats
+    model, data = engine.model, engine.data
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    x = to_float(data.images)
+    with torch.no_grad():
+        # on copies: a train-mode forward moves the running statistics
+        expected = F.cross_entropy(copy.deepcopy(model).eval()(x), data.labels, reduction="none")
+        train_mode = F.cross_entropy(copy.deepcopy(model).train()(x), data.labels, reduction="none")
+    assert not torch.allclose(train_mode, expected, atol=1e-3), "the check must tell the modes apart"
+    assert not torch.allclose(engine.loss_matrix()[-1], expected, atol=1e-3), "nor the batch losses"
+
+    ranked = engine.per_example_loss()
+    assert ranked.dtype == torch.float32 and torch.allclose(ranked.cpu(), expected, atol=1e-5)
+    idx = torch.tensor([5, 0, 999, 17])
+    assert torch.allclose(engine.per_example_loss(idx).cpu(), expected[idx], atol=1e-5)
+    assert all(m.training for m in model.modules()), "ranking must leave the model in train mode"
+
+
+def _count_eval_images(engine) -> list[int]:
+    """Sizes of the eval-mode forward passes the engine's model sees from now on."""
+    seen: list[int] = []
+
+    def hook(module, inputs):
+        if not module.training:
+            seen.append(int(inputs[0].shape[0]))
+
+    engine.model.register_forward_pre_hook(hook)
+    return seen
+
+
+def test_per_epoch_evaluation_uses_the_fixed_subset(digits_poisoned):
+    engine = make_engine(digits_poisoned, eval_subset=50, eval_every=1)
+    n_test, n_trig = len(engine.test), len(engine.triggered)
+    assert n_test > 50 and n_trig > 50
+    seen = _count_eval_images(engine)
+    engine.evaluate(full=False)
+    assert sum(seen) == 100, "50 clean and 50 triggered test images"
+    seen.clear()
+    engine.evaluate(full=True)
+    assert sum(seen) == n_test + n_trig
+
+    # inside training: subsets every epoch, the whole test sets at the phase's last one
+    per_epoch: list[int] = []
+
+    def after(e: int) -> None:
+        per_epoch.append(sum(seen))
+        seen.clear()
+
+    seen.clear()
+    engine.run_phase("a", epochs=3, lr=0.01, after_epoch=after)
+    assert per_epoch == [100, 100, n_test + n_trig]
+
+    # the subset is fixed: the same images, so the same metrics, at every call
+    first, again = engine.evaluate(full=False), engine.evaluate(full=False)
+    assert first == again
 
 
 def test_isolation_objectives_values():
