@@ -39,7 +39,12 @@ class OutputConfig:
 
 @dataclass
 class SliceConfig:
-    """Train/test on a seeded random subset (``None``: all). For quick runs and CPU tests."""
+    """Train/test on a seeded random subset (``None``: all). For quick runs and CPU tests.
+
+    The slice is drawn from the splits as loaded, i.e. after the dataset's ``order_seed``
+    shuffle; the kept training examples carry their file names and source indices
+    (``train_order``) with them.
+    """
 
     train: int | None = None
     test: int | None = None
@@ -51,15 +56,16 @@ class SliceConfig:
 
     def apply(self, splits: DatasetSplits) -> DatasetSplits:
         gen = torch.Generator().manual_seed(self.seed)
-        train, test = splits.train, splits.test
-        files = splits.train_files
-        if self.train is not None and self.train < len(train):
-            keep = torch.randperm(len(train), generator=gen)[: self.train]
-            train = train.subset(keep)
-            files = [files[i] for i in keep.tolist()] if files is not None else None
+        if self.train is not None and self.train < len(splits.train):
+            # reordered() takes files and train_order along, so they stay aligned
+            splits = splits.reordered(torch.randperm(len(splits.train), generator=gen)[: self.train])
+        test = splits.test
         if self.test is not None and self.test < len(test):
             test = test.subset(torch.randperm(len(test), generator=gen)[: self.test])
-        return DatasetSplits(splits.name, train, test, splits.num_classes, splits.class_names, splits.source, files)
+        return DatasetSplits(
+            splits.name, splits.train, test, splits.num_classes, splits.class_names, splits.source,
+            splits.train_files, splits.train_order,
+        )
 
 
 @dataclass
@@ -171,6 +177,7 @@ def run_experiment(
     model = exp.model.build(n_classes, size)
     resolved = exp.resolved()
     resolved["device"] = str(device)
+    resolved["threads_used"] = torch.get_num_threads()
     writer = store.create_run(resolved, name=exp.name, seed=exp.seed)
 
     def log(record: dict) -> None:
@@ -182,6 +189,8 @@ def run_experiment(
         mask = data.poison_mask.cpu()
         writer.save_array("poison_mask", mask.numpy())
         writer.save_array("poison_indices", mask.nonzero().squeeze(1).numpy())
+        if splits.train_order is not None:  # training index -> index in the dataset's source order
+            writer.save_array("train_order", splits.train_order.numpy())
         if exp.attack is not None and exp.attack.artefacts():
             writer.save_tensors("trigger", {k: v.contiguous() for k, v in exp.attack.artefacts().items()})
         engine = Engine(model, data, splits.test, triggered, exp.train, seed=exp.seed, on_epoch=log)

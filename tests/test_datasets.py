@@ -167,10 +167,14 @@ def test_cifar10_imagefolder_full(cifar10_splits, cifar10_root):
     assert s.source == cifar10_root.resolve()
     mean = s.train.images.float().mean().item()
     assert 100 < mean < 140  # CIFAR-10's mean pixel is about 120
-    # the first train image of class "bird" is the first file of train/bird, decoded with PIL
+    # the training split is shuffled at load (class folders are read in class order)
+    assert len(s.train.labels[:100].unique()) == 10
+    # the first file of train/bird (file index 10,000, after 5,000 airplanes and automobiles),
+    # decoded with PIL, sits where train_order says
     first_bird = sorted((cifar10_root / "train" / "bird").iterdir())[0]
     ref = torch.from_numpy(np.array(Image.open(first_bird).convert("RGB"))).permute(2, 0, 1)
-    assert torch.equal(s.train.images[int((s.train.labels == 2).nonzero()[0])], ref)
+    pos = int((s.train_order == 10000).nonzero())
+    assert int(s.train.labels[pos]) == 2 and torch.equal(s.train.images[pos], ref)
 
 
 def test_cifar10_second_load_reads_cache(cifar10_splits, cifar10_root, monkeypatch):
@@ -194,9 +198,9 @@ def test_cifar10_imagefolder_needs_ten_classes(cifar10_root, tmp_path):
 def test_cifar10_torchvision_format(tmp_path, point_at_batches, monkeypatch):
     written = _write_cifar_batches(tmp_path / "cifar-10-batches-py")
     root = tmp_path / "cifar-10-batches-py" if point_at_batches else tmp_path
-    s = CIFAR10(root=str(root)).load(cache_dir=tmp_path / "cache")
+    s = CIFAR10(root=str(root), order_seed=None).load(cache_dir=tmp_path / "cache")
     assert s.train.images.shape == (20, 3, 32, 32) and s.test.images.shape == (4, 3, 32, 32)
-    assert s.class_names == CIFAR10_CLASSES and s.num_classes == 10
+    assert s.class_names == CIFAR10_CLASSES and s.num_classes == 10 and s.train_order is None
     first = written["data_batch_1"]
     # torchvision's row layout: 1024 red, then 1024 green, then 1024 blue values, row-major
     assert np.array_equal(s.train.images[0].numpy(), first["data"][0].reshape(3, 32, 32))
@@ -204,8 +208,13 @@ def test_cifar10_torchvision_format(tmp_path, point_at_batches, monkeypatch):
     assert np.array_equal(s.test.images.numpy(), written["test_batch"]["data"].reshape(-1, 3, 32, 32))
     assert s.source == tmp_path / "cifar-10-batches-py"
     _no_decoding(monkeypatch)
-    again = CIFAR10(root=str(root)).load(cache_dir=tmp_path / "cache")
-    assert torch.equal(again.train.images, s.train.images)
+    again = CIFAR10(root=str(root)).load(cache_dir=tmp_path / "cache")  # order_seed 0: the same cache file
+    # the records of the five batches, in their order, taken at train_order
+    raw = np.concatenate([written[f"data_batch_{k}"]["data"] for k in range(1, 6)]).reshape(-1, 3, 32, 32)
+    assert np.array_equal(again.train.images.numpy(), raw[again.train_order.numpy()])
+    assert not torch.equal(again.train_order, torch.arange(20))
+    assert torch.equal(again.train.labels, s.train.labels[again.train_order])
+    assert torch.equal(again.test.images, s.test.images)  # the test split keeps its order
 
 
 def test_cifar10_torchvision_labels_out_of_range(tmp_path):
@@ -310,9 +319,12 @@ def _mini_gtsrb(src: Path, dst: Path, torchvision_layout: bool = False, bad_labe
 @pytest.mark.parametrize("torchvision_layout", [False, True])
 def test_gtsrb_small_layouts_and_size(gtsrb_root, tmp_path, torchvision_layout):
     root = _mini_gtsrb(gtsrb_root, tmp_path / "data", torchvision_layout)
-    s = GTSRB(root=str(root), size=16).load(cache_dir=tmp_path / "cache")
+    s = GTSRB(root=str(root), size=16, order_seed=None).load(cache_dir=tmp_path / "cache")
     assert s.train.images.shape == (6, 3, 16, 16) and s.test.images.shape == (4, 3, 16, 16)
     assert s.train.labels.tolist() == [0, 0, 0, 1, 1, 1] and s.test.labels.tolist() == [0, 1, 0, 1]
+    shuffled = GTSRB(root=str(root), size=16).load(cache_dir=tmp_path / "cache")  # class-ordered: shuffled
+    assert torch.equal(shuffled.train.labels, s.train.labels[shuffled.train_order])
+    assert torch.equal(shuffled.train.images, s.train.images[shuffled.train_order])
 
 
 def test_gtsrb_download_path_uses_torchvision(gtsrb_root, tmp_path, monkeypatch):
@@ -349,7 +361,7 @@ def test_gtsrb_bad_inputs(gtsrb_root, tmp_path):
 
 
 def test_imagenette_224(imagenette_root):
-    s = ImageFolder(root=str(imagenette_root), size=224).load(cache_dir=TEST_CACHE)
+    s = ImageFolder(root=str(imagenette_root), size=224, order_seed=None).load(cache_dir=TEST_CACHE)
     assert s.train.images.shape == (800, 3, 224, 224) and s.test.images.shape == (200, 3, 224, 224)
     assert s.num_classes == 10 and s.class_names == sorted(os.listdir(imagenette_root / "train"))
     assert torch.bincount(s.train.labels).tolist() == [80] * 10
@@ -388,7 +400,7 @@ def test_imagefolder_modes_crop_and_extensions(tmp_path):
     Image.new("RGB", (8, 8), (4, 5, 6)).save(root / "test" / "a" / "z.webp", lossless=True)
     (root / "train" / "a" / "notes.txt").write_text("not an image")
     (tmp_path / "d" / "val").mkdir()  # test/ wins over val/
-    s = ImageFolder(root=str(root), size=10).load(cache_dir=tmp_path / "cache")
+    s = ImageFolder(root=str(root), size=10, order_seed=None).load(cache_dir=tmp_path / "cache")
     assert s.train.images.shape == (4, 3, 10, 10) and s.train.labels.tolist() == [0, 0, 1, 1]
     assert s.test.labels.tolist() == [0, 0, 1]
     assert s.test.images[1, :, 0, 0].tolist() == [4, 5, 6]

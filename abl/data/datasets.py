@@ -6,6 +6,11 @@ once and then read a cache file (see :mod:`abl.data.cache`; ``cache_dir`` defaul
 env ``ABL_CACHE_DIR``, else ``~/.cache/abl``). ``digits`` is built in memory from
 scikit-learn in milliseconds and is not cached.
 
+Folder layouts list files class by class, so their training split is shuffled once at
+load with ``order_seed`` (after the cache, which keeps file order): a loader that does
+not shuffle (the ABL authors' preset) then still sees mixed classes. ``order_seed: null``
+keeps the source order; :attr:`DatasetSplits.train_order` records the permutation.
+
 Every problem with the data raises :class:`~abl.errors.DataError` with a one-line
 message; invalid parameter values raise :class:`~abl.errors.ConfigError` from
 ``validate()`` when the dataset is created through the registry.
@@ -73,6 +78,24 @@ def _finish(splits: DatasetSplits, source: Path | None) -> DatasetSplits:
     return splits
 
 
+def _check_order_seed(order_seed: int | None) -> None:
+    ok = order_seed is None or (isinstance(order_seed, int) and not isinstance(order_seed, bool) and order_seed >= 0)
+    check(ok, "dataset.order_seed", f"must be an integer >= 0, or null to keep the file order; got {order_seed!r}")
+
+
+def shuffle_train(splits: DatasetSplits, order_seed: int | None) -> DatasetSplits:
+    """The training split (with its file names) in a fixed random order, ``train_order``
+    recording it; ``order_seed=None`` returns ``splits`` unchanged (source order).
+
+    Applied after the cache so one cache file serves every seed. The permutation comes
+    from a CPU generator, so it is the same on every machine for a given seed.
+    """
+    if order_seed is None:
+        return splits
+    perm = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(order_seed))
+    return splits.reordered(perm)
+
+
 # --------------------------------------------------------------------------- digits
 
 
@@ -83,17 +106,20 @@ class Digits:
 
     Pixel values 0-16 become 0-255, images are upscaled to ``size`` with nearest
     neighbour and replicated to 3 channels; a stratified train/test split with
-    ``test_fraction`` and ``seed`` is deterministic.
+    ``test_fraction`` and ``seed`` is deterministic. scikit-learn's order already mixes
+    the classes, so ``order_seed`` defaults to ``None`` (keep it) here.
     """
 
     size: int = 16
     test_fraction: float = 0.25
     seed: int = 0
+    order_seed: int | None = None
 
     def validate(self) -> None:
         _check_size(self.size)
         check(0.0 < self.test_fraction < 1.0, "dataset.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         check(self.seed >= 0, "dataset.seed", f"must be >= 0, got {self.seed}")
+        _check_order_seed(self.order_seed)
 
     def load(self, cache_dir: Path | None = None) -> DatasetSplits:
         """Build the splits in memory (``cache_dir`` is accepted and unused)."""
@@ -117,7 +143,7 @@ class Digits:
         splits = DatasetSplits(
             "digits", _split(x[tr], y[tr]), _split(x[te], y[te]), 10, [str(i) for i in range(10)]
         )
-        return _finish(splits, None)
+        return shuffle_train(_finish(splits, None), self.order_seed)
 
 
 # --------------------------------------------------------------------------- cifar10
@@ -190,10 +216,16 @@ class CIFAR10:
     an image that is not 32x32 is resized to it).
     With ``download: true`` and neither layout present, torchvision downloads it into
     ``root`` (or ``<cache dir>/datasets/cifar10-download`` when ``root`` is not set).
+    The training split is shuffled with ``order_seed`` in both layouts (``null``: file or
+    batch order).
     """
 
     root: str | None = None
     download: bool = False
+    order_seed: int | None = 0
+
+    def validate(self) -> None:
+        _check_order_seed(self.order_seed)
 
     def _how(self) -> str:
         return f"pass download: true or point root at CIFAR-10 ({CIFAR_LAYOUTS})"
@@ -217,6 +249,7 @@ class CIFAR10:
         return "torchvision", root / "cifar-10-batches-py"
 
     def load(self, cache_dir: Path | None = None) -> DatasetSplits:
+        self.validate()
         layout, root = self._locate(cache_dir)
         if layout == "torchvision":
             fingerprint = cache.files_fingerprint(root / f for f in CIFAR_FILES)
@@ -225,7 +258,7 @@ class CIFAR10:
         identity = {"layout": layout, "root": str(root)}
         splits = cache.load_cached("cifar10", identity, fingerprint, lambda: self._build(layout, root), cache_dir)
         splits.source = root
-        return splits
+        return shuffle_train(splits, self.order_seed)
 
     def _build(self, layout: str, root: Path) -> DatasetSplits:
         if layout == "torchvision":
@@ -311,15 +344,18 @@ class GTSRB:
     downloads it) or the ``GTSRB`` folder itself. Train labels come from each class
     folder's ``GT-000NN.csv`` (the folder name when there is none), test labels from
     ``GT-final_test.csv``. Every image is resized to ``size x size`` (bilinear,
-    antialiased), without cropping to the ROI boxes.
+    antialiased), without cropping to the ROI boxes. The training split (read class by
+    class) is shuffled with ``order_seed`` (``null``: file order).
     """
 
     root: str | None = None
     download: bool = False
     size: int = 32
+    order_seed: int | None = 0
 
     def validate(self) -> None:
         _check_size(self.size)
+        _check_order_seed(self.order_seed)
 
     def _how(self) -> str:
         return f"pass download: true or point root at GTSRB ({GTSRB_LAYOUTS})"
@@ -354,7 +390,7 @@ class GTSRB:
         identity = {"root": str(layout.base), "train": str(layout.train_dir), "size": self.size}
         splits = cache.load_cached("gtsrb", identity, fingerprint, lambda: self._build(layout), cache_dir)
         splits.source = layout.base
-        return splits
+        return shuffle_train(splits, self.order_seed)
 
     def _build(self, layout: _GtsrbLayout) -> DatasetSplits:
         paths: list[Path] = []
@@ -413,15 +449,19 @@ class ImageFolder:
     ``test/`` is the test split. Each image's shorter side is resized to ``size`` and
     the centre square kept (bilinear, antialiased); grayscale, CMYK and RGBA images
     become RGB. Extensions: jpg, jpeg, png, ppm, bmp, webp (any case).
-    ``num_classes``, when set, must match the number of train class folders.
+    ``num_classes``, when set, must match the number of train class folders. The training
+    split (read class by class) is shuffled with ``order_seed`` (``null``: file order);
+    ``train_files`` follows it.
     """
 
     root: str | None = None
     size: int = 224
     num_classes: int | None = None
+    order_seed: int | None = 0
 
     def validate(self) -> None:
         _check_size(self.size)
+        _check_order_seed(self.order_seed)
         if self.num_classes is not None:
             check(self.num_classes >= 2, "dataset.num_classes", f"must be at least 2, got {self.num_classes}")
 
@@ -448,7 +488,7 @@ class ImageFolder:
                 f"{self.num_classes}"
             )
         splits.source = root
-        return splits
+        return shuffle_train(splits, self.order_seed)
 
     def _build(self, root: Path, test: Path) -> DatasetSplits:
         paths, labels, classes = imageio.scan_class_folders(root / "train", what="imagefolder")
@@ -459,4 +499,4 @@ class ImageFolder:
         return _finish(DatasetSplits("imagefolder", train, test_split, len(classes), classes, train_files=files), root)
 
 
-__all__ = ["CIFAR10", "GTSRB", "Digits", "ImageFolder", "read_cifar_batches"]
+__all__ = ["CIFAR10", "GTSRB", "Digits", "ImageFolder", "read_cifar_batches", "shuffle_train"]

@@ -50,6 +50,10 @@ class DatasetSplits:
     #: for datasets read from files: each training image's path relative to ``source``,
     #: so isolated examples can be traced back to the user's files.
     train_files: list[str] | None = None
+    #: where each training example came from: position ``i`` holds the record at index
+    #: ``train_order[i]`` of the source order (file order, or the batches' record order),
+    #: after the dataset's load-time shuffle and any slice; ``None``: source order.
+    train_order: torch.Tensor | None = None
 
     @property
     def image_size(self) -> int:
@@ -63,6 +67,26 @@ class DatasetSplits:
                 f"{self.name}: train images are {tuple(self.train.images.shape[1:])} but test images are "
                 f"{tuple(self.test.images.shape[1:])}; set the dataset 'size' so both are resized alike"
             )
+        n = len(self.train)
+        if self.train_files is not None and len(self.train_files) != n:
+            raise DataError(f"{self.name}: {n} train images but {len(self.train_files)} train file names")
+        if self.train_order is not None and self.train_order.shape != (n,):
+            raise DataError(f"{self.name}: {n} train images but a train order of shape {tuple(self.train_order.shape)}")
+
+    def reordered(self, order: torch.Tensor) -> "DatasetSplits":
+        """The same splits with the training split (and its file names and order) taken at
+        ``order``, positions into the current training split; the test split is shared."""
+        order = order.long()
+        return DatasetSplits(
+            self.name,
+            self.train.subset(order),
+            self.test,
+            self.num_classes,
+            self.class_names,
+            self.source,
+            [self.train_files[i] for i in order.tolist()] if self.train_files is not None else None,
+            self.train_order[order] if self.train_order is not None else order,
+        )
 
 
 @dataclass
