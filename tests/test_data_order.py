@@ -1,7 +1,8 @@
-"""Load-time order of class-ordered datasets (issue 7)."""
+"""Load-time order of class-ordered datasets and content-keyed dataset caches (issue 7)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,45 @@ def test_run_folder_records_train_order(ordered_root, tmp_path):
     # the same load and slice give the same source indices
     again = SliceConfig(train=100).apply(ImageFolder(root=str(ordered_root), size=8).load(cache_dir=tmp_path / "cache"))
     assert order.tolist() == again.train_order.tolist()
+
+
+# --------------------------------------------------------------------------- content-keyed cache
+
+
+def test_rewritten_file_with_same_size_and_mtime_is_not_served_stale(tmp_path):
+    root = tmp_path / "d"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(root / split / c / "x.bmp")  # BMP: size fixed by shape
+    target = root / "train" / "a" / "x.bmp"
+    st = target.stat()
+    cdir = tmp_path / "cache"
+    first = ImageFolder(root=str(root), size=8, order_seed=None).load(cache_dir=cdir)
+    assert first.train.images[0, :, 0, 0].tolist() == [10, 20, 30]
+
+    Image.new("RGB", (8, 8), (200, 100, 50)).save(target)  # new pixels, same byte count
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    new = target.stat()
+    assert (new.st_size, new.st_mtime_ns) == (st.st_size, st.st_mtime_ns), "the stat key is unchanged"
+
+    second = ImageFolder(root=str(root), size=8, order_seed=None).load(cache_dir=cdir)
+    assert second.train.images[0, :, 0, 0].tolist() == [200, 100, 50]
+    assert len(list((cdir / "datasets").glob("*.npz"))) == 1  # the stale file was replaced
+
+
+def test_touched_but_unchanged_files_reuse_the_cache(tmp_path, monkeypatch):
+    root = tmp_path / "d"
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(root / split / "a" / "x.png")
+    cdir = tmp_path / "cache"
+    ImageFolder(root=str(root), size=8).load(cache_dir=cdir)
+    f = root / "train" / "a" / "x.png"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # mtime alone changes
+
+    def boom(*args, **kwargs):
+        raise AssertionError("decoded again although only the mtime changed")
+
+    monkeypatch.setattr(imageio, "decode_images", boom)
+    assert ImageFolder(root=str(root), size=8).load(cache_dir=cdir).train.images[0, :, 0, 0].tolist() == [1, 2, 3]

@@ -489,7 +489,10 @@ def test_errors_are_one_line(tmp_path):
 def test_cache_files_fingerprint_and_dir(tmp_path, monkeypatch):
     f = tmp_path / "a"
     f.write_bytes(b"123")
-    assert cache.files_fingerprint([f, tmp_path / "missing"]) == [["a", 3, f.stat().st_mtime_ns], ["missing", None, None]]
+    digest = cache.content_digest(f)[1]
+    assert cache.files_fingerprint([f, tmp_path / "missing"]) == [["a", 3, digest], ["missing", None, None]]
+    f.write_bytes(b"124")  # same size, new contents: a new fingerprint
+    assert cache.files_fingerprint([f])[0][2] != digest
     monkeypatch.setenv("ABL_CACHE_DIR", str(tmp_path / "env"))
     assert cache.resolve_cache_dir() == tmp_path / "env" and cache.resolve_cache_dir(tmp_path) == tmp_path
     monkeypatch.delenv("ABL_CACHE_DIR")

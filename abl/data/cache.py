@@ -5,8 +5,10 @@ A cache file is an uncompressed ``.npz`` (read with ``allow_pickle=False``) name
 
 * the *identity* is the dataset name, the resolved root, the parameters that change
   the tensors and :data:`CACHE_FORMAT`;
-* the *fingerprint* is a cheap summary of the source files (their relative paths,
-  sizes and modification times), so editing the data invalidates the cache.
+* the *fingerprint* hashes the source files' relative paths, sizes and contents, so
+  any edit invalidates the cache, even one that keeps a file's size and mtime (a
+  stat-only key would serve such a file stale). Reading every file costs about as
+  much as a warm read of the data; decoding costs far more.
 
 Files are written to a temporary name and moved into place with :func:`os.replace`,
 so a crash never leaves a half-written file under the final name. A cache file that
@@ -51,20 +53,33 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_READ_CHUNK = 1 << 20
+
+
+def content_digest(path: str | os.PathLike) -> tuple[int, str]:
+    """``(size, blake2b hex digest)`` of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.blake2b(digest_size=16)
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_READ_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
 def files_fingerprint(paths: Iterable[Path]) -> list[Any]:
-    """``[name, size, mtime_ns]`` of each file (``None`` entries for missing files)."""
+    """``[name, size, content digest]`` of each file (``None`` entries for unreadable files)."""
     out: list[Any] = []
     for p in paths:
         try:
-            st = p.stat()
-            out.append([p.name, st.st_size, st.st_mtime_ns])
+            out.append([p.name, *content_digest(p)])
         except OSError:
             out.append([p.name, None, None])
     return out
 
 
 def tree_fingerprint(root: Path) -> str:
-    """A hash of every file's relative path, size and mtime under ``root`` (one stat each)."""
+    """A hash of every file's relative path, size and contents under ``root``."""
     lines: list[str] = []
     stack = [("", str(root))]
     while stack:
@@ -81,8 +96,8 @@ def tree_fingerprint(root: Path) -> str:
                     lines.append(name + "/")
                     stack.append((name + "/", e.path))
                 else:
-                    st = e.stat()
-                    lines.append(f"{name}\t{st.st_size}\t{st.st_mtime_ns}")
+                    size, digest = content_digest(e.path)
+                    lines.append(f"{name}\t{size}\t{digest}")
             except OSError:
                 lines.append(name + "\t?")
     lines.sort()
