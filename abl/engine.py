@@ -137,10 +137,13 @@ class Engine:
         return torch.randperm(n, generator=gen)[:k].to(self.device)
 
     # -- building blocks -------------------------------------------------------------
-    def optimizer(self, lr: float) -> torch.optim.SGD:
+    def optimizer(self, lr: float, nesterov: bool | None = None) -> torch.optim.SGD:
+        """SGD with the engine's momentum and weight decay; ``nesterov`` overrides the
+        engine's setting (a defense preset may fix it, e.g. the ABL authors' code)."""
         c = self.cfg
+        nesterov = c.nesterov if nesterov is None else nesterov
         return torch.optim.SGD(
-            self.model.parameters(), lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov
+            self.model.parameters(), lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=nesterov
         )
 
     def _forward(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -201,14 +204,19 @@ class Engine:
         paired_batch_size: int = 0,
         batch_size: int | None = None,
         after_epoch: Callable[[int], None] | None = None,
+        nesterov: bool | None = None,
+        freeze_bn: bool = False,
     ) -> torch.optim.Optimizer:
         """Train ``epochs`` epochs minimising ``objective`` over ``index`` (default: all).
 
         ``after_epoch(e)`` runs after each epoch's record (e.g. a ranking pass).
+        ``freeze_bn`` keeps BatchNorm layers in eval mode (running statistics neither
+        used from the batch nor updated), for phases whose batches are unrepresentative,
+        e.g. unlearning on batches made mostly of isolated examples.
         Returns the optimizer so that a following phase can carry its momentum over.
         Raises :class:`DivergenceError` as soon as an epoch's loss is not finite.
         """
-        opt = optimizer if optimizer is not None else self.optimizer(lr)
+        opt = optimizer if optimizer is not None else self.optimizer(lr, nesterov)
         self._phase_count += 1
         loader = TensorLoader(
             self.data.images,
@@ -223,7 +231,7 @@ class Engine:
         )
         n = len(self.data)
         bar = progress_bar(range(epochs), phase, self.cfg.progress)
-        self.model.train()
+        self._train_mode(freeze_bn)
         for e in bar:
             current_lr = step_lr(lr, e, milestones, lr_factor)
             for group in opt.param_groups:
@@ -251,8 +259,16 @@ class Engine:
             record = self._record(phase, e, current_lr, train_loss, time.perf_counter() - t0, seen, epochs)
             if after_epoch is not None:
                 after_epoch(e)
+            self._train_mode(freeze_bn)  # evaluation and ranking passes switch to eval mode
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "clean_acc", "asr")})
         return opt
+
+    def _train_mode(self, freeze_bn: bool) -> None:
+        self.model.train()
+        if freeze_bn:
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def _record(self, phase: str, e: int, lr: float, train_loss: float, seconds: float, seen: torch.Tensor, epochs: int) -> dict:
         seen_cpu = seen.cpu()
