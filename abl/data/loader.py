@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -20,11 +21,16 @@ class AugmentConfig:
     """Random crop with zero padding, horizontal flip and Cutout (DeVries & Taylor 2017).
 
     The ABL paper's recovery phase uses crop (padding 4), flip and one 9-pixel Cutout patch.
+    ``cutout_span`` picks how a ``cutout`` length becomes a hole: ``length`` (a
+    ``length``-square, DeVries & Taylor) or ``authors`` (rows and columns
+    ``[c - length // 2, c + length // 2)``, as the ABL authors' ``Cutout`` class computes
+    them: their ``Cutout(1, 3)`` makes 2x2 holes).
     """
 
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 9
+    cutout_span: Literal["length", "authors"] = "length"
 
     def validate(self) -> None:
         check(self.crop_padding >= 0, "augment.crop_padding", "must be >= 0")
@@ -52,18 +58,24 @@ def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> to
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def cutout(x: torch.Tensor, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero one ``length``-square patch per image, centred anywhere (clipped at the borders)."""
+def cutout(
+    x: torch.Tensor, length: int, generator: torch.Generator | None = None, span: str = "length"
+) -> torch.Tensor:
+    """Zero one ``length``-square patch per image, centred anywhere (clipped at the borders).
+
+    ``span="authors"`` makes the hole ``2 * (length // 2)`` wide, as the ABL authors' code does.
+    """
     if length == 0:
         return x
     n, _, h, w = x.shape
     cy = torch.randint(0, h, (n,), device=x.device, generator=generator)
     cx = torch.randint(0, w, (n,), device=x.device, generator=generator)
     half = length // 2
+    size = 2 * half if span == "authors" else length
     ys = torch.arange(h, device=x.device)[None, :]
     xs = torch.arange(w, device=x.device)[None, :]
-    in_y = (ys >= (cy - half)[:, None]) & (ys < (cy - half + length)[:, None])
-    in_x = (xs >= (cx - half)[:, None]) & (xs < (cx - half + length)[:, None])
+    in_y = (ys >= (cy - half)[:, None]) & (ys < (cy - half + size)[:, None])
+    in_x = (xs >= (cx - half)[:, None]) & (xs < (cx - half + size)[:, None])
     hole = in_y[:, :, None] & in_x[:, None, :]
     return x.masked_fill(hole[:, None, :, :], 0.0)
 
@@ -73,7 +85,7 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | No
     x = random_crop(x, cfg.crop_padding, generator)
     if cfg.flip:
         x = random_flip(x, generator)
-    return cutout(x, cfg.cutout, generator)
+    return cutout(x, cfg.cutout, generator, cfg.cutout_span)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
