@@ -36,15 +36,21 @@ from abl.errors import StoreError
 from abl.store import FINISHED, RunRecord, RunStore
 
 MISSING = "–"
-RATE_METRICS = ("clean_acc", "asr", "robust_acc", "iso_precision", "iso_recall",
-                "fit_clean_acc", "fit_backdoor_acc", "fit_cross_acc")
+RATE_METRICS = ("clean_acc", "clean_acc_nontarget", "asr", "robust_acc", "iso_precision", "iso_recall",
+                "iso_top_label_share", "fit_clean_acc", "fit_backdoor_acc", "fit_cross_acc")
 METRIC_LABELS = {
     "clean_acc": "CA",
     "asr": "ASR",
     "robust_acc": "RA",
     "iso_precision": "Isolation precision",
     "iso_recall": "Isolation recall",
+    "clean_acc_nontarget": "CA (non-target)",
+    "iso_separation": "Isolation separation",
+    "iso_top_label_share": "Isolated top-label share",
+    "iso_weak": "Weak isolation",
     "poison_s": "Poisoning time (s)",
+    "stage_s": "Stage time (s)",
+    "rank_s": "Ranking time (s)",
 }
 DEFAULT_COLUMNS = ["run", "dataset", "model", "attack", "defense", "status",
                    "clean_acc", "asr", "robust_acc", "iso_precision", "iso_recall", "wall_s"]
@@ -358,6 +364,20 @@ def write_isolated_csv(rec: RunRecord, path: Path) -> bool:
 # ----------------------------------------------------------------------------- report
 
 
+def _evidence_note(rec: RunRecord) -> list[str]:
+    """A visible warning when a defense's isolation stood out weakly from the rest."""
+    iso = rec.metrics.get("isolation", {})
+    if not iso.get("iso_weak"):
+        return []
+    return [
+        f"> **Weak isolation evidence**: the isolated examples stand only {iso.get('iso_separation', float('nan')):.1f} "
+        "spreads apart from the rest (below the defense's `min_separation`). They may be clean examples that the "
+        "model fits easily, and unlearning them costs clean accuracy rather than removing a backdoor. "
+        "Look at the loss curves and the isolated pictures below before trusting this model.",
+        "",
+    ]
+
+
 def _run_section(rec: RunRecord, out_dir: Path) -> list[str]:
     lines = [f"## {rec.name} (`{rec.run_id}`)", ""]
     parts = [f"{c}: {getattr(rec, c)}" for c in ("dataset", "model", "attack", "defense") if getattr(rec, c)]
@@ -371,6 +391,7 @@ def _run_section(rec: RunRecord, out_dir: Path) -> list[str]:
     if rec.status == FINISHED:
         lines.append(f"- wall time: {fmt_seconds(rec.wall_s)}")
         lines += ["", _phase_metrics_table(rec) if rec.metrics else "No metrics recorded.\n"]
+        lines += _evidence_note(rec)
     else:
         lines += ["", f"This run is **{rec.status}**: it has no final metrics. "
                       "Figures below, if any, show what it recorded before it stopped.", ""]

@@ -51,7 +51,7 @@ def test_defense_contract(name, digits):
     result = defense.run(engine)
     final = result.metrics["final"]
     assert {"clean_acc", "asr", "robust_acc"} <= set(final)
-    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for k, v in final.items() if k != "iso_count")
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for k, v in final.items() if k not in ("iso_count", "iso_separation"))
     assert len(engine.history) == defense.total_epochs()
     assert engine.loss_matrix().shape == (defense.total_epochs(), len(engine.data))
     if result.isolated is not None:
@@ -107,7 +107,11 @@ def test_presets_are_complete_and_differ():
     assert (paper.isolation_epochs, official.isolation_epochs) == (20, 10)
     assert (paper.unlearning, official.unlearning) == ("gga", "ascent")
     assert (paper.unlearning_lr, official.unlearning_lr) == (0.0001, 0.0005)
+    default = ABL()
+    default.validate()
+    assert default.preset == "default" and default.unlearning_epoch == "clean" and default.ranking == "trajectory"
     assert paper.total_epochs() == 100
+    assert official.total_epochs() == 10 + 60 + 4
 
 
 def test_explicit_values_win_over_preset():
@@ -132,3 +136,111 @@ def test_every_lr_and_epoch_count_is_used(digits):
     ).run(engine)
     lrs = [round(h["lr"], 6) for h in engine.history]
     assert lrs == [0.03, 0.04, 0.004, 0.002, 0.002, 0.002]
+
+
+def _bn_stats(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [b.clone() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+
+
+@pytest.mark.parametrize("mode", ["train", "frozen"])
+def test_unlearning_batchnorm_mode(digits, mode):
+    """``frozen`` keeps the running statistics of recovery through unlearning; ``train``
+    (the authors') updates them from the isolated-heavy batches."""
+    engine = engine_for(digits)
+    abl = DEFENSES.create({"name": "abl", **SHORT["abl"], "unlearning_epochs": 0, "unlearning_bn": mode})
+    isolated, _, _ = abl.run_isolation(engine)
+    lookup = torch.zeros(len(engine.data), dtype=torch.bool)
+    lookup[isolated] = True
+    abl.run_recovery(engine, lookup)
+    before = _bn_stats(engine.model)
+    abl.unlearning_epochs = 2
+    abl.run_unlearning(engine, lookup)
+    changed = any(not torch.equal(a, b) for a, b in zip(before, _bn_stats(engine.model)))
+    assert changed == (mode == "train")
+    assert engine.model.training, "the model is left in train mode for whatever trains next"
+
+
+def test_unlearning_epoch_over_clean_visits_every_clean_example(digits):
+    engine = engine_for(digits)
+    defense = DEFENSES.create({"name": "abl", **SHORT["abl"], "unlearning_epochs": 1, "unlearning_epoch": "clean"})
+    result = defense.run(engine)
+    seen = engine.loss_matrix()[-1].isfinite()
+    assert bool(seen.all()), "a pass over D_c (paired with D_b) trains every example once"
+    engine2 = engine_for(digits)
+    DEFENSES.create({"name": "abl", **SHORT["abl"], "unlearning_epochs": 1, "unlearning_epoch": "isolated"}).run(engine2)
+    seen2 = engine2.loss_matrix()[-1].isfinite()
+    # a pass over D_b: its batches plus one paired D_c batch each
+    n_iso = len(result.isolated)
+    assert int(seen2.sum()) == n_iso + min(-(-n_iso // 128) * 128, len(engine2.data) - n_iso)
+    with pytest.raises(ConfigError, match="defense.unlearning_epoch"):
+        DEFENSES.create({"name": "abl", "unlearning": "ascent", "unlearning_epoch": "clean"})
+
+
+def test_nesterov_and_batch_size_reach_every_phase(digits, monkeypatch):
+    engine = engine_for(digits)
+    made: list[bool] = []
+    real = torch.optim.SGD.__init__
+
+    def spy(self, params, **kw):
+        made.append(kw.get("nesterov", False))
+        real(self, params, **kw)
+
+    monkeypatch.setattr(torch.optim.SGD, "__init__", spy)
+    defense = DEFENSES.create({"name": "abl", "preset": "official", **SHORT["abl"], "batch_size": 40})
+    defense.run(engine)
+    assert made and all(made), "the official preset uses Nesterov in every optimizer it creates"
+    # isolation is unshuffled at batch 40: losses of one epoch come from ceil(N / 40) steps
+    iso_epochs = [h for h in engine.history if h["phase"] == "isolation"]
+    assert len(iso_epochs) == 2
+    n = len(engine.data)
+    steps = -(-n // 40)
+    assert steps != -(-n // 128)  # the check below could not tell the two apart otherwise
+    from abl.data.loader import TensorLoader
+
+    assert len(TensorLoader(engine.data.images, engine.data.labels, defense.batch_size)) == steps
+
+
+def test_trajectory_ranking_is_the_mean_log_loss_of_the_isolation_record(digits):
+    engine = engine_for(digits)
+    abl = DEFENSES.create({"name": "abl", **SHORT["abl"], "isolation_epochs": 3, "rank_epochs": 2})
+    isolated, scores, stage = abl.run_isolation(engine)
+    record = engine.loss_matrix()[1:3]
+    expected = record.clamp_min(1e-12).log().mean(0)
+    k = len(isolated)
+    assert torch.equal(isolated.cpu(), torch.argsort(expected, stable=True)[:k])
+    assert torch.allclose(scores.cpu(), expected[isolated.cpu()])
+    assert {"iso_separation", "iso_top_label_share", "iso_weak", "stage_s", "rank_s"} <= set(stage)
+
+
+def test_eval_ranking_averages_the_eval_mode_losses(digits, monkeypatch):
+    engine = engine_for(digits)
+    calls: list[torch.Tensor] = []
+    real = engine.per_example_loss
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(out.clone())
+        return out
+
+    monkeypatch.setattr(engine, "per_example_loss", spy)
+    abl = DEFENSES.create({"name": "abl", "preset": "paper", **SHORT["abl"], "isolation_epochs": 3, "rank_epochs": 2})
+    isolated, scores, _ = abl.run_isolation(engine)
+    assert len(calls) == 2, "one eval-mode ranking pass per ranked epoch"
+    expected = torch.stack(calls).mean(0)
+    assert torch.equal(isolated, torch.argsort(expected, stable=True)[: len(isolated)])
+
+
+def test_weak_evidence_is_flagged_on_clean_data(digits):
+    """Without poisons the lowest 1% is a clean tail: the run must say the evidence is weak."""
+    from abl.data.types import PoisonedSet
+
+    splits, data, trig = digits
+    clean = PoisonedSet(splits.train.images, splits.train.labels, splits.train.labels.clone(),
+                        torch.zeros(len(splits.train), dtype=torch.bool))
+    torch.manual_seed(0)
+    model = MODELS.create({"name": "small_cnn", "width": 16}).build(10, splits.image_size)
+    engine = Engine(model, clean, splits.test, None, TrainConfig(progress=False, batch_size=128, eval_every=0), seed=0)
+    abl = DEFENSES.create({"name": "abl", "isolation_epochs": 20})
+    with pytest.warns(UserWarning, match="weak isolation evidence"):
+        _, _, stage = abl.run_isolation(engine)
+    assert stage["iso_weak"] == 1.0 and stage["iso_separation"] < abl.min_separation

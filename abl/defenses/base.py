@@ -11,7 +11,7 @@ from abl.registry import Registry
 
 DEFENSES: Registry = Registry("defense")
 
-METRIC_KEYS = ("clean_acc", "asr", "robust_acc")
+METRIC_KEYS = ("clean_acc", "clean_acc_nontarget", "asr", "robust_acc")
 
 
 @dataclass
