@@ -80,6 +80,15 @@ def cifar10_splits(cifar10_root: Path):
     return CIFAR10(root=str(cifar10_root)).load(cache_dir=TEST_CACHE)
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist each worker trains with one torch thread: two workers at two
+    threads each on two cores run many times slower than one process (oversubscription)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Attack artefacts (surrogates, triggers) go to a per-session folder, never ~/.cache."""

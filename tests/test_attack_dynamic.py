@@ -26,6 +26,10 @@ SMALL = {
 }
 
 
+# the module-scoped fit runs once: the whole file on one xdist worker
+pytestmark = pytest.mark.xdist_group("attack-dynamic")
+
+
 def make(cache_dir, size: int = 32, **params) -> Dynamic:
     attack = ATTACKS.create({"name": "dynamic", **SMALL, "cache_dir": str(cache_dir), **params})
     attack.setup(size, 10)
