@@ -1,79 +1,53 @@
-"""ABL end to end on a real CIFAR-10 slice (5,000 training images from ../shared/data).
+"""The default ABL end to end on a real CIFAR-10 slice (5,000 training images, ../shared/data).
 
-BadNets, TrojanNN, CL and Dynamic at 10%, target 0, WRN-16-1 (the paper's model).
-Schedules are shortened to fit two CPU cores; the thresholds are the ones the project commits to: without defense the
-backdoor is learned (ASR >= 90%); with ABL the isolated 1% is >= 90% poisoned and the
-ASR falls below 10%. On a 5,000-image slice the backdoor is only learned around epoch 8,
-and a single-epoch ranking is at the mercy of the model's swinging class bias, so the
-ranking is averaged over the last 3 isolation epochs (``rank_epochs``).
+BadNets, Blend and Trojan at 10%, target 0, WRN-16-1 (the paper's model and attacks).
+ABL runs with its default preset, only the epoch counts shortened (``slice_schedule.py``);
+the no-defense baseline trains as many epochs. What the project commits to: without
+defense the backdoor is learned (ASR >= 90%); the default isolates 1% with precision
+>= 90%, takes the ASR below 10% and costs at most 5 points of clean accuracy.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from abl.experiment import build_experiment, run_experiment
 from abl.report import write_report
 from abl.store import RunStore
+from slice_schedule import ABL_DEFAULT_SLICE, NONE_SAME_LENGTH, SLICE_TRAIN
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
 
 BASE = {
     "seed": 0,
     "model": {"name": "wrn", "depth": 16, "widen": 1},
     "slice": {"train": 5000, "test": 2000, "seed": 0},
-    "train": {"batch_size": 32, "eval_every": 4, "eval_subset": 1000, "progress": False},
+    "train": SLICE_TRAIN,
 }
 
-NO_DEFENSE = {"name": "none", "epochs": 12, "lr": 0.05, "milestones": [10]}
-
-ABL_SHORT = {
-    "name": "abl",
-    "preset": "paper",
-    "isolation_loss": "lga_batch",
-    "isolation_epochs": 12,
-    "isolation_lr": 0.05,
-    "rank_epochs": 3,
-    "recovery_epochs": 4,
-    "recovery_lr": 0.05,
-    "recovery_milestones": [3],
-    "unlearning_epochs": 20,
-    "unlearning_lr": 0.001,
-}
-
-
-# BadNets with the authors' grid; TrojanNN with a trigger generated in-project against a
-# clean WRN-16-1 surrogate (issue 3).
 ATTACK_SPECS = {
     "badnets": {"name": "badnets", "rate": 0.1, "target": 0},
-    "trojannn": {"name": "trojannn", "rate": 0.1, "target": 0, "surrogate_epochs": 10},
-    # Clean-label: all 500 target-class images of the slice get PGD (16/255) against the
-    # same clean surrogate as TrojanNN (trained once), then the grid in four corners; with
-    # one corner the slice learns it at 0.2% ASR only (benchmarks/README.md).
-    "cl": {"name": "cl", "rate": 0.1, "target": 0, "surrogate_epochs": 10, "corners": 4},
-    # Input-aware triggers from generators trained here (narrower and shorter than the
-    # authors' 32-wide, 25 + 600 epochs, to fit the CPU); the victim trains from scratch.
-    "dynamic": {
-        "name": "dynamic",
-        "rate": 0.1,
-        "target": 0,
-        "surrogate_model": "wrn",
-        "surrogate_epochs": 20,
-        "surrogate_lr": 0.05,
-        "mask_epochs": 5,
-        "generator_width": 16,
+    "blend": {"name": "blend", "rate": 0.1, "target": 0, "alpha": 0.2},
+    # the Trojan trigger shipped with the authors' code (a 3x3 patch, added)
+    "trojan": {
+        "name": "trojan", "rate": 0.1, "target": 0,
+        "trigger_file": str(REPO.parent / "shared" / "data" / "triggers" / "abl-official-trojan-cifar10.npz"),
     },
 }
 
 
-@pytest.fixture(scope="module", params=sorted(ATTACK_SPECS))
+# one xdist group per attack: its module-scoped runs train once, the attacks in parallel
+@pytest.fixture(scope="module", params=[pytest.param(a, marks=pytest.mark.xdist_group(f"cifar-{a}")) for a in sorted(ATTACK_SPECS)])
 def cifar_runs(request, cifar10_root, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"cifar-abl-{request.param}")
     store = RunStore(out / "runs")
     records = {}
-    for name, defense in (("none", NO_DEFENSE), ("abl", ABL_SHORT)):
+    for name, defense in (("none", NONE_SAME_LENGTH), ("abl", ABL_DEFAULT_SLICE)):
         raw = {
             **BASE,
             "attack": ATTACK_SPECS[request.param],
@@ -83,6 +57,12 @@ def cifar_runs(request, cifar10_root, tmp_path_factory):
             "output": {"runs_dir": str(out / "runs"), "cache_dir": str(cifar10_root.parent.parent / "test-cache"), "save_model": False},
         }
         records[name] = run_experiment(build_experiment(raw), store)
+    none, abl = records["none"].final_metrics, records["abl"].final_metrics
+    stages = {p: (round(m.get("clean_acc", float("nan")), 3), round(m.get("asr", float("nan")), 3))
+              for p, m in records["abl"].metrics.items() if p in ("isolation", "recovery", "unlearning")}
+    print(f"\n{request.param}: none CA {none['clean_acc']:.3f} ASR {none['asr']:.3f} | default ABL CA "
+          f"{abl['clean_acc']:.3f} ASR {abl['asr']:.3f} precision {abl['iso_precision']:.3f} separation "
+          f"{abl['iso_separation']:.1f} | CA/ASR by stage {stages}")
     return store, records, out
 
 
@@ -91,21 +71,33 @@ def test_backdoor_is_learned_without_defense(cifar_runs):
     final = records["none"].final_metrics
     assert records["none"].status == "finished"
     assert final["asr"] >= 0.90, final
-    assert final["clean_acc"] > 0.35, final
+    assert final["clean_acc"] > 0.45, final
 
 
-def test_abl_isolates_poison_and_removes_backdoor(cifar_runs):
+def test_default_abl_isolates_poison_and_removes_backdoor(cifar_runs):
     _, records, _ = cifar_runs
     rec = records["abl"]
-    final = rec.final_metrics
+    final, none = rec.final_metrics, records["none"].final_metrics
     assert rec.status == "finished"
+    assert rec.config["defense"]["preset"] == "default"
     assert final["iso_count"] == 50
     assert final["iso_precision"] >= 0.90, final
     assert final["asr"] < 0.10, final
-    assert final["clean_acc"] > 0.35, final
+    assert final["clean_acc"] >= none["clean_acc"] - 0.05, (none, final)
+    assert final["iso_weak"] == 0.0, final
     iso = rec.array("isolated_indices")
     mask = rec.array("poison_mask")
     assert math.isclose(mask[iso].mean(), final["iso_precision"])
+
+
+def test_every_stage_is_measured(cifar_runs):
+    """CA/ASR after each stage, and the backdoor present before unlearning: the final ASR
+    is the unlearning's doing, not an attack that never took."""
+    _, records, _ = cifar_runs
+    m = records["abl"].metrics
+    assert m["isolation"]["asr"] >= 0.80, m["isolation"]
+    assert all(m[p]["stage_s"] > 0 for p in ("isolation", "recovery", "unlearning"))
+    assert m["unlearning"]["asr"] < m["recovery"]["asr"], m
 
 
 def test_backdoor_examples_are_learned_faster(cifar_runs):
