@@ -167,6 +167,21 @@ class Engine:
         self.model.train()
         return out
 
+    @torch.no_grad()
+    def train_accuracy(self, index: torch.Tensor) -> float:
+        """Eval-mode accuracy on training examples ``index`` against their (possibly
+        poisoned) training labels: how well the model still fits them."""
+        was_training = self.model.training
+        self.model.eval()
+        correct = 0
+        bs = self.cfg.eval_batch_size
+        for s in range(0, len(index), bs):
+            idx = index[s : s + bs]
+            logits = self._forward(self.model, to_float(self.data.images[idx]))
+            correct += int((logits.argmax(1) == self.data.labels[idx]).sum())
+        self.model.train(was_training)
+        return correct / max(1, len(index))
+
     def evaluate(self, full: bool = True) -> dict[str, float]:
         """CA/ASR/RA on the whole test sets, or on the fixed per-epoch subsets."""
         test, trig = self.test, self.triggered

@@ -37,7 +37,7 @@ from abl.store import FINISHED, RunRecord, RunStore
 
 MISSING = "–"
 RATE_METRICS = ("clean_acc", "clean_acc_nontarget", "asr", "robust_acc", "iso_precision", "iso_recall",
-                "iso_top_label_share", "fit_clean_acc", "fit_backdoor_acc", "fit_cross_acc")
+                "iso_top_label_share", "iso_fit_before", "iso_fit_after", "fit_clean_acc", "fit_backdoor_acc", "fit_cross_acc")
 METRIC_LABELS = {
     "clean_acc": "CA",
     "asr": "ASR",
@@ -48,6 +48,9 @@ METRIC_LABELS = {
     "iso_separation": "Isolation separation",
     "iso_top_label_share": "Isolated top-label share",
     "iso_weak": "Weak isolation",
+    "iso_fit_before": "Isolated fitted (before)",
+    "iso_fit_after": "Isolated fitted (after)",
+    "unlearn_weak": "Weak unlearning",
     "poison_s": "Poisoning time (s)",
     "stage_s": "Stage time (s)",
     "rank_s": "Ranking time (s)",
@@ -367,9 +370,17 @@ def write_isolated_csv(rec: RunRecord, path: Path) -> bool:
 def _evidence_note(rec: RunRecord) -> list[str]:
     """A visible warning when a defense's isolation stood out weakly from the rest."""
     iso = rec.metrics.get("isolation", {})
+    lines = []
+    unl = rec.metrics.get("unlearning", {})
+    if unl.get("unlearn_weak"):
+        lines += [
+            f"> **Unlearning did not cut the link**: the final model still fits {unl.get('iso_fit_after', float('nan')):.0%} "
+            "of the isolated examples with their training labels. If they carry a backdoor, it is still there.",
+            "",
+        ]
     if not iso.get("iso_weak"):
-        return []
-    return [
+        return lines
+    return lines + [
         f"> **Weak isolation evidence**: the isolated examples stand only {iso.get('iso_separation', float('nan')):.1f} "
         "spreads apart from the rest (below the defense's `min_separation`). They may be clean examples that the "
         "model fits easily, and unlearning them costs clean accuracy rather than removing a backdoor. "

@@ -244,3 +244,25 @@ def test_weak_evidence_is_flagged_on_clean_data(digits):
     with pytest.warns(UserWarning, match="weak isolation evidence"):
         _, _, stage = abl.run_isolation(engine)
     assert stage["iso_weak"] == 1.0 and stage["iso_separation"] < abl.min_separation
+
+
+def test_unlearning_reports_whether_it_cut_the_isolated_link(digits):
+    """No ground truth needed: the model's fit on the isolated examples' own labels, before
+    and after unlearning; a run whose unlearning left them fitted warns and flags it."""
+    engine = engine_for(digits)
+    abl = DEFENSES.create({"name": "abl", **SHORT["abl"], "unlearning_epochs": 0})
+    isolated, _, _ = abl.run_isolation(engine)
+    lookup = torch.zeros(len(engine.data), dtype=torch.bool)
+    lookup[isolated] = True
+    abl.run_recovery(engine, lookup)
+    expected = float((engine.model.eval()(engine.data.images[isolated].float() / 255).argmax(1)
+                      == engine.data.labels[isolated]).float().mean())
+    engine.model.train()
+    abl.unlearning_epochs, abl.unlearning_lr = 1, 1e-7  # far too weak to move anything
+    with pytest.warns(UserWarning, match="did not cut"):
+        m = abl.run_unlearning(engine, lookup)
+    assert m["iso_fit_before"] == pytest.approx(expected)
+    assert m["iso_fit_after"] > 0.5 and m["unlearn_weak"] == 1.0
+    abl.unlearning_epochs, abl.unlearning_lr = 20, 0.01
+    strong = abl.run_unlearning(engine, lookup)
+    assert strong["iso_fit_after"] < m["iso_fit_after"]

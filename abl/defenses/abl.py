@@ -377,10 +377,17 @@ class ABL(Defense):
     def run_unlearning(
         self, engine: Engine, lookup: torch.Tensor, recovery_opt: torch.optim.Optimizer | None = None
     ) -> dict[str, float]:
-        """Stage 2b: unlearn the isolated examples (``lookup`` marks them)."""
+        """Stage 2b: unlearn the isolated examples (``lookup`` marks them).
+
+        Records ``iso_fit_before`` / ``iso_fit_after``: the model's accuracy on the isolated
+        examples' own training labels before and after. It needs no ground truth: when the
+        isolated set carries a backdoor, unlearning that did its job drives it towards 0;
+        above 0.5 afterwards (``unlearn_weak``) the run warns that the link was not cut.
+        """
         t0 = time.perf_counter()
         bs = self._batch_size(engine)
         isolated = lookup.nonzero().squeeze(1)
+        fit_before = engine.train_accuracy(isolated)
         clean_index = (~lookup).nonzero().squeeze(1)
         common = dict(
             epochs=self.unlearning_epochs,
@@ -405,7 +412,18 @@ class ABL(Defense):
             )
         else:
             engine.run_phase("unlearning", objective=ascent_objective(ceiling), index=isolated, **common)  # type: ignore[arg-type]
-        return {**phase_metrics(engine), "stage_s": time.perf_counter() - t0}
+        fit_after = engine.train_accuracy(isolated)
+        if fit_after > 0.5:
+            warnings.warn(
+                f"ABL: unlearning did not cut the isolated examples' link to their labels: the model "
+                f"still fits {fit_after:.0%} of them (before unlearning: {fit_before:.0%}); raise "
+                "unlearning_epochs or unlearning_lr, or check the isolation evidence.",
+                stacklevel=2,
+            )
+        return {
+            **phase_metrics(engine), "iso_fit_before": fit_before, "iso_fit_after": fit_after,
+            "unlearn_weak": float(fit_after > 0.5), "stage_s": time.perf_counter() - t0,
+        }
 
 
 def isolation_evidence(scores: torch.Tensor, isolated: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
