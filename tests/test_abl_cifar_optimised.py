@@ -33,8 +33,12 @@ ATTACK_SPECS = {
 }
 
 
-# one xdist group per attack: its module-scoped runs train once, the attacks in parallel
-@pytest.fixture(scope="module", params=[pytest.param(a, marks=pytest.mark.xdist_group(f"cifar-opt-{a}")) for a in sorted(ATTACK_SPECS)])
+# xdist groups: TrojanNN and CL share one clean surrogate (cached per worker), so they run
+# on one worker; Dynamic on whichever is free
+GROUPS = {"trojannn": "cifar-opt-surrogate", "cl": "cifar-opt-surrogate", "dynamic": "cifar-opt-dynamic"}
+
+
+@pytest.fixture(scope="module", params=[pytest.param(a, marks=pytest.mark.xdist_group(GROUPS[a])) for a in sorted(ATTACK_SPECS)])
 def abl_run(request, cifar10_root, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"cifar-opt-{request.param}")
     raw = {
