@@ -220,14 +220,15 @@ class Engine:
         batch_size: int | None = None,
         after_epoch: Callable[[int], None] | None = None,
         nesterov: bool | None = None,
-        freeze_bn: bool = False,
+        freeze_bn: bool | str = False,
     ) -> torch.optim.Optimizer:
         """Train ``epochs`` epochs minimising ``objective`` over ``index`` (default: all).
 
         ``after_epoch(e)`` runs after each epoch's record (e.g. a ranking pass).
-        ``freeze_bn`` keeps BatchNorm layers in eval mode (running statistics neither
-        used from the batch nor updated), for phases whose batches are unrepresentative,
-        e.g. unlearning on batches made mostly of isolated examples.
+        ``freeze_bn``: ``True`` keeps BatchNorm layers in eval mode (running statistics
+        used, not updated); ``"stats"`` normalises with batch statistics as in training but
+        leaves the running statistics untouched, so batches made mostly of isolated examples
+        (unlearning) do not shift what the model uses at test time.
         Returns the optimizer so that a following phase can carry its momentum over.
         Raises :class:`DivergenceError` as soon as an epoch's loss is not finite.
         """
@@ -276,14 +277,24 @@ class Engine:
                 after_epoch(e)
             self._train_mode(freeze_bn)  # evaluation and ranking passes switch to eval mode
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "clean_acc", "asr")})
+        self._train_mode(False)
         return opt
 
-    def _train_mode(self, freeze_bn: bool) -> None:
+    def _train_mode(self, freeze_bn: bool | str) -> None:
         self.model.train()
-        if freeze_bn:
-            for m in self.model.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+        for m in self.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                if freeze_bn == "stats":
+                    # momentum 0: running = running; remembered to restore it afterwards
+                    if not hasattr(m, "_abl_momentum"):
+                        m._abl_momentum = m.momentum  # type: ignore[attr-defined]
+                    m.momentum = 0.0
+                else:
+                    if hasattr(m, "_abl_momentum"):
+                        m.momentum = m._abl_momentum  # type: ignore[attr-defined]
+                        del m._abl_momentum
+                    if freeze_bn:
+                        m.eval()
 
     def _record(self, phase: str, e: int, lr: float, train_loss: float, seconds: float, seen: torch.Tensor, epochs: int) -> dict:
         seen_cpu = seen.cpu()

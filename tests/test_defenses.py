@@ -142,10 +142,10 @@ def _bn_stats(model: torch.nn.Module) -> list[torch.Tensor]:
     return [b.clone() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
 
 
-@pytest.mark.parametrize("mode", ["train", "frozen"])
+@pytest.mark.parametrize("mode", ["train", "fixed_stats", "frozen"])
 def test_unlearning_batchnorm_mode(digits, mode):
-    """``frozen`` keeps the running statistics of recovery through unlearning; ``train``
-    (the authors') updates them from the isolated-heavy batches."""
+    """``frozen`` and ``fixed_stats`` keep the running statistics of recovery through
+    unlearning; ``train`` (the authors') updates them from the isolated-heavy batches."""
     engine = engine_for(digits)
     abl = DEFENSES.create({"name": "abl", **SHORT["abl"], "unlearning_epochs": 0, "unlearning_bn": mode})
     isolated, _, _ = abl.run_isolation(engine)
@@ -158,6 +158,8 @@ def test_unlearning_batchnorm_mode(digits, mode):
     changed = any(not torch.equal(a, b) for a, b in zip(before, _bn_stats(engine.model)))
     assert changed == (mode == "train")
     assert engine.model.training, "the model is left in train mode for whatever trains next"
+    bns = [m for m in engine.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert all(m.training and m.momentum == 0.1 for m in bns), "BatchNorm is restored after the phase"
 
 
 def test_unlearning_epoch_over_clean_visits_every_clean_example(digits):
