@@ -150,6 +150,7 @@ def test_divergence_is_reported_and_run_marked_failed(tmp_path, capsys):
             "name": "abl",
             "isolation_epochs": 1,
             "recovery_epochs": 0,
+            "unlearning_ceiling": float("inf"),  # the default preset bounds the ascent at 4
             "unlearning": "ascent",
             "unlearning_epochs": 30,
             "unlearning_lr": 1e8,

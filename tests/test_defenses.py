@@ -176,6 +176,8 @@ def test_unlearning_epoch_over_clean_visits_every_clean_example(digits):
     assert int(seen2.sum()) == n_iso + min(-(-n_iso // 128) * 128, len(engine2.data) - n_iso)
     with pytest.raises(ConfigError, match="defense.unlearning_epoch"):
         DEFENSES.create({"name": "abl", "unlearning": "ascent", "unlearning_epoch": "clean"})
+    # the default preset's pass over D_c becomes a pass over D_b when ascent is asked for
+    assert DEFENSES.create({"name": "abl", "unlearning": "ascent"}).unlearning_epoch == "isolated"
 
 
 def test_nesterov_and_batch_size_reach_every_phase(digits, monkeypatch):

@@ -248,9 +248,14 @@ class ABL(Defense):
     min_separation: float = 6.0
 
     def validate(self) -> None:
+        from_preset = set()
         for f in fields(self):
             if getattr(self, f.name) is None and f.name in PRESETS[self.preset]:
                 setattr(self, f.name, copy.copy(PRESETS[self.preset][f.name]))
+                from_preset.add(f.name)
+        if self.unlearning == "ascent" and "unlearning_epoch" in from_preset:
+            # pure ascent never visits D_c: a preset's pass over D_c means a pass over D_b here
+            self.unlearning_epoch = "isolated"
         check(self.gamma >= 0, "defense.gamma", "must be >= 0")
         check(0 < self.isolation_rate < 1, "defense.isolation_rate", f"must be in (0, 1), got {self.isolation_rate}")
         check(self.isolation_epochs >= 1, "defense.isolation_epochs", "must be >= 1")  # type: ignore[operator]
