@@ -16,14 +16,18 @@ from abl.experiment import build_experiment, run_experiment
 from abl.store import RunStore
 from slice_schedule import ABL_DEFAULT_SLICE, SLICE_TRAIN
 
-pytestmark = pytest.mark.slow
+# ~50 minutes of training on two cores (surrogates, generators, three ABL runs): outside
+# CI's budget, run with `python -m pytest -m extended` (README, "Run the tests")
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 ATTACK_SPECS = {
     "trojannn": {"name": "trojannn", "rate": 0.1, "target": 0, "surrogate_epochs": 10},
-    # Clean-label: all 500 target-class images of the slice (rate of the dataset) get PGD
+    # Clean-label: every target-class image of the slice (rate 1.0 of the target class; the
+    # seeded slice holds about 500, not exactly 500, so a rate of the dataset can ask for more
+    # than exist) gets PGD
     # (16/255) against the same clean surrogate as TrojanNN (trained once), then the grid in
     # four corners; with one corner the slice learns it at 0.2% ASR only (benchmarks/README.md).
-    "cl": {"name": "cl", "rate": 0.1, "rate_of": "dataset", "target": 0, "surrogate_epochs": 10, "corners": 4},
+    "cl": {"name": "cl", "rate": 1.0, "target": 0, "surrogate_epochs": 10, "corners": 4},
     # Input-aware triggers from generators trained here (narrower and shorter than the
     # authors' 32-wide, 25 + 600 epochs, to fit the CPU); the victim trains from scratch.
     "dynamic": {
