@@ -11,7 +11,8 @@ def test_demo_end_to_end(tmp_path):
     none, abl = by_name["demo-none"].final_metrics, by_name["demo-abl"].final_metrics
     assert all(r.status == "finished" for r in records)
     assert none["asr"] >= 0.95 and none["clean_acc"] >= 0.95, none
-    assert abl["asr"] <= 0.10 and abl["clean_acc"] >= 0.90, abl
+    # default ABL, epoch counts shortened: CA 90.4%, ASR 5.4% on 2026-11-26 (benchmarks/README.md)
+    assert abl["asr"] <= 0.10 and abl["clean_acc"] >= 0.85, abl
     assert abl["iso_precision"] >= 0.75, abl
     text = report.read_text()
     assert "demo-abl" in text and "Isolation precision" in text
