@@ -171,16 +171,26 @@ class Engine:
     def train_accuracy(self, index: torch.Tensor) -> float:
         """Eval-mode accuracy on training examples ``index`` against their (possibly
         poisoned) training labels: how well the model still fits them."""
+        correct, _ = self.train_fit(index)
+        return float(correct.float().mean()) if len(index) else 0.0
+
+    @torch.no_grad()
+    def train_fit(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode (correct, loss) per training example of ``index``, against the
+        examples' own (possibly poisoned) training labels."""
         was_training = self.model.training
         self.model.eval()
-        correct = 0
+        correct, losses = [], []
         bs = self.cfg.eval_batch_size
         for s in range(0, len(index), bs):
             idx = index[s : s + bs]
-            logits = self._forward(self.model, to_float(self.data.images[idx]))
-            correct += int((logits.argmax(1) == self.data.labels[idx]).sum())
+            logits = self._forward(self.model, to_float(self.data.images[idx])).float()
+            correct.append(logits.argmax(1) == self.data.labels[idx])
+            losses.append(F.cross_entropy(logits, self.data.labels[idx], reduction="none"))
         self.model.train(was_training)
-        return correct / max(1, len(index))
+        if not correct:
+            return torch.zeros(0, dtype=torch.bool), torch.zeros(0)
+        return torch.cat(correct).cpu(), torch.cat(losses).cpu()
 
     def evaluate(self, full: bool = True) -> dict[str, float]:
         """CA/ASR/RA on the whole test sets, or on the fixed per-epoch subsets."""
@@ -218,13 +228,14 @@ class Engine:
         paired: torch.Tensor | None = None,
         paired_batch_size: int = 0,
         batch_size: int | None = None,
-        after_epoch: Callable[[int], None] | None = None,
+        after_epoch: Callable[[int], bool | None] | None = None,
         nesterov: bool | None = None,
         freeze_bn: bool | str = False,
     ) -> torch.optim.Optimizer:
         """Train ``epochs`` epochs minimising ``objective`` over ``index`` (default: all).
 
-        ``after_epoch(e)`` runs after each epoch's record (e.g. a ranking pass).
+        ``after_epoch(e)`` runs after each epoch's record (e.g. a ranking pass); when it
+        returns True the phase stops there (early stopping).
         ``freeze_bn``: ``True`` keeps BatchNorm layers in eval mode (running statistics
         used, not updated); ``"stats"`` normalises with batch statistics as in training but
         leaves the running statistics untouched, so batches made mostly of isolated examples
@@ -273,10 +284,11 @@ class Engine:
                     f"lower its learning rate (was {current_lr:g}) or its number of epochs"
                 )
             record = self._record(phase, e, current_lr, train_loss, time.perf_counter() - t0, seen, epochs)
-            if after_epoch is not None:
-                after_epoch(e)
+            stop = bool(after_epoch(e)) if after_epoch is not None else False
             self._train_mode(freeze_bn)  # evaluation and ranking passes switch to eval mode
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "clean_acc", "asr")})
+            if stop:
+                break
         self._train_mode(False)
         return opt
 

@@ -37,7 +37,8 @@ from abl.store import FINISHED, RunRecord, RunStore
 
 MISSING = "–"
 RATE_METRICS = ("clean_acc", "clean_acc_nontarget", "asr", "robust_acc", "iso_precision", "iso_recall",
-                "iso_top_label_share", "iso_fit_before", "iso_fit_after", "fit_clean_acc", "fit_backdoor_acc", "fit_cross_acc")
+                "iso_top_label_share", "iso_fit_before", "iso_fit_after", "iso_heldout_fit_before",
+                "iso_heldout_fit_after", "fit_clean_acc", "fit_backdoor_acc", "fit_cross_acc")
 METRIC_LABELS = {
     "clean_acc": "CA",
     "asr": "ASR",
@@ -50,6 +51,11 @@ METRIC_LABELS = {
     "iso_weak": "Weak isolation",
     "iso_fit_before": "Isolated fitted (before)",
     "iso_fit_after": "Isolated fitted (after)",
+    "iso_heldout_fit_before": "Held-out suspects fitted (before)",
+    "iso_heldout_fit_after": "Held-out suspects fitted (after)",
+    "iso_heldout_count": "Held-out suspects",
+    "unlearn_epochs_run": "Unlearning epochs run",
+    "unlearn_epoch_kept": "Unlearning epoch kept",
     "unlearn_weak": "Weak unlearning",
     "poison_s": "Poisoning time (s)",
     "stage_s": "Stage time (s)",
@@ -373,9 +379,19 @@ def _evidence_note(rec: RunRecord) -> list[str]:
     lines = []
     unl = rec.metrics.get("unlearning", {})
     if unl.get("unlearn_weak"):
+        held = "iso_heldout_fit_after" in unl
+        fit = unl["iso_heldout_fit_after"] if held else unl.get("iso_fit_after", float("nan"))
+        which = "held-out suspects (isolated, kept out of unlearning)" if held else "isolated examples"
         lines += [
-            f"> **Unlearning did not cut the link**: the final model still fits {unl.get('iso_fit_after', float('nan')):.0%} "
-            "of the isolated examples with their training labels. If they carry a backdoor, it is still there.",
+            f"> **Unlearning did not cut the link**: the final model still fits {fit:.0%} "
+            f"of the {which} with their training labels. If they carry a backdoor, it is still there.",
+            "",
+        ]
+    if "unlearn_epoch_kept" in unl and unl["unlearn_epoch_kept"] < unl.get("unlearn_epochs_run", 0):
+        lines += [
+            f"> Unlearning ran {unl['unlearn_epochs_run']:.0f} epochs and kept the model of epoch "
+            f"{unl['unlearn_epoch_kept']:.0f}, the one that fitted the held-out suspects least "
+            f"({unl.get('iso_heldout_fit_after', float('nan')):.0%}).",
             "",
         ]
     if not iso.get("iso_weak"):

@@ -80,8 +80,16 @@ def test_abl_phases_and_subsets(digits):
     assert len(iso) == int(len(engine.data) * 0.05)
     # recovery trains on D_c only: isolated examples are never seen there
     assert bool(losses[2:4, iso].isnan().all())
-    # GGA: every batch pairs D_b with D_c, so both are trained in unlearning
-    assert bool(losses[4:, iso].isfinite().all())
+    # GGA: every batch pairs D_b with D_c, so both are trained in unlearning, except the
+    # fifth of D_b held out to check the unlearning on suspects it never saw
+    unlearned, held = defense.split_holdout(iso, engine.seed)
+    assert len(held) == round(0.2 * len(iso)) and len(unlearned) + len(held) == len(iso)
+    assert not set(held.tolist()) & set(unlearned.tolist())
+    assert bool(losses[4:, unlearned].isfinite().all())
+    assert bool(losses[4:, held].isnan().all())
+    assert all("heldout_fit" in h for h in engine.history[4:])
+    unl = result.metrics["unlearning"]
+    assert unl["iso_heldout_count"] == len(held) and 0 <= unl["iso_heldout_fit_after"] <= 1
     assert {"isolation", "recovery", "unlearning", "final"} <= set(result.metrics)
     assert 0 <= result.metrics["final"]["iso_precision"] <= 1
 
@@ -167,13 +175,16 @@ def test_unlearning_epoch_over_clean_visits_every_clean_example(digits):
     defense = DEFENSES.create({"name": "abl", **SHORT["abl"], "unlearning_epochs": 1, "unlearning_epoch": "clean"})
     result = defense.run(engine)
     seen = engine.loss_matrix()[-1].isfinite()
-    assert bool(seen.all()), "a pass over D_c (paired with D_b) trains every example once"
+    _, held = defense.split_holdout(result.isolated, engine.seed)
+    seen[held] = True
+    assert bool(seen.all()), "a pass over D_c (paired with D_b) trains every example but the held-out ones once"
     engine2 = engine_for(digits)
     DEFENSES.create({"name": "abl", **SHORT["abl"], "unlearning_epochs": 1, "unlearning_epoch": "isolated"}).run(engine2)
     seen2 = engine2.loss_matrix()[-1].isfinite()
-    # a pass over D_b: its batches plus one paired D_c batch each
-    n_iso = len(result.isolated)
-    assert int(seen2.sum()) == n_iso + min(-(-n_iso // 128) * 128, len(engine2.data) - n_iso)
+    # a pass over the unlearned part of D_b: its batches plus one paired D_c batch each
+    n_all = len(result.isolated)
+    n_iso = n_all - len(held)
+    assert int(seen2.sum()) == n_iso + min(-(-n_iso // 128) * 128, len(engine2.data) - n_all)
     with pytest.raises(ConfigError, match="defense.unlearning_epoch"):
         DEFENSES.create({"name": "abl", "unlearning": "ascent", "unlearning_epoch": "clean"})
     # the default preset's pass over D_c becomes a pass over D_b when ascent is asked for
@@ -259,14 +270,75 @@ def test_unlearning_reports_whether_it_cut_the_isolated_link(digits):
     lookup = torch.zeros(len(engine.data), dtype=torch.bool)
     lookup[isolated] = True
     abl.run_recovery(engine, lookup)
-    expected = float((engine.model.eval()(engine.data.images[isolated].float() / 255).argmax(1)
-                      == engine.data.labels[isolated]).float().mean())
+    unlearned, held = abl.split_holdout(isolated, engine.seed)
+    engine.model.eval()
+    expected = [float((engine.model(engine.data.images[i].float() / 255).argmax(1) == engine.data.labels[i]).float().mean())
+                for i in (unlearned, held)]
     engine.model.train()
     abl.unlearning_epochs, abl.unlearning_lr = 1, 1e-7  # far too weak to move anything
-    with pytest.warns(UserWarning, match="did not cut"):
+    with pytest.warns(UserWarning, match="did not cut the held-out suspects"):
         m = abl.run_unlearning(engine, lookup)
-    assert m["iso_fit_before"] == pytest.approx(expected)
-    assert m["iso_fit_after"] > 0.5 and m["unlearn_weak"] == 1.0
+    assert (m["iso_fit_before"], m["iso_heldout_fit_before"]) == pytest.approx(expected)
+    assert m["iso_heldout_fit_after"] > 0.5 and m["unlearn_weak"] == 1.0
     abl.unlearning_epochs, abl.unlearning_lr = 20, 0.01
     strong = abl.run_unlearning(engine, lookup)
+    assert strong["iso_heldout_fit_after"] < m["iso_heldout_fit_after"] and strong["unlearn_weak"] == 0.0
     assert strong["iso_fit_after"] < m["iso_fit_after"]
+
+
+def test_heldout_selection_keeps_the_epoch_that_fits_the_suspects_least(digits, monkeypatch):
+    """The default keeps the unlearning epoch whose model fits the held-out suspects least,
+    restores its weights, reports that model, and stops ``patience`` epochs after it."""
+    engine = engine_for(digits)
+    abl = DEFENSES.create({"name": "abl", **SHORT["abl"], "unlearning_epochs": 0, "unlearning_patience": 3})
+    isolated, _, _ = abl.run_isolation(engine)
+    lookup = torch.zeros(len(engine.data), dtype=torch.bool)
+    lookup[isolated] = True
+    abl.run_recovery(engine, lookup)
+    _, held = abl.split_holdout(isolated, engine.seed)
+    # a scripted held-out fit per epoch: best at epoch 2, then a relapse
+    script = iter([0.9, 0.2, 0.5, 0.6, 0.7, 0.8, 0.9])
+    real_fit = engine.train_fit
+    snapshots: list[dict] = []
+
+    def scripted(index):
+        correct, losses = real_fit(index)
+        if len(index) == len(held) and torch.equal(index.cpu(), held.cpu()) and engine.history[-1]["phase"] == "unlearning":
+            if len(snapshots) < len(engine.history) - n0:  # once per epoch (the watch), not the final check
+                snapshots.append({k: v.clone() for k, v in engine.model.state_dict().items()})
+                f = next(script)
+                return torch.arange(len(index)) < round(f * len(index)), losses
+        return correct, losses
+
+    monkeypatch.setattr(engine, "train_fit", scripted)
+    n0 = len(engine.history)
+    abl.unlearning_epochs = 10
+    m = abl.run_unlearning(engine, lookup)
+    assert m["unlearn_epochs_run"] == 5, "stops 3 epochs after the best (epoch 2)"
+    assert m["unlearn_epoch_kept"] == 2
+    kept = snapshots[1]
+    assert all(torch.equal(v, kept[k]) for k, v in engine.model.state_dict().items()), "epoch 2's weights restored"
+    assert m["clean_acc"] == pytest.approx(engine.evaluate(full=True)["clean_acc"]), "metrics of the kept model"
+    expected = [round(f * len(held)) / len(held) for f in (0.9, 0.2, 0.5, 0.6, 0.7)]
+    assert [h["heldout_fit"] for h in engine.history[n0:]] == pytest.approx(expected), "the per-epoch curve"
+
+
+def test_holdout_options_are_validated_and_too_few_suspects_warn(digits):
+    with pytest.raises(ConfigError, match="defense.unlearning_select"):
+        DEFENSES.create({"name": "abl", "unlearning_holdout": 0.0, "unlearning_select": "heldout"})
+    with pytest.raises(ConfigError, match="defense.unlearning_holdout"):
+        DEFENSES.create({"name": "abl", "unlearning_holdout": 1.0})
+    with pytest.raises(ConfigError, match="defense.unlearning_patience"):
+        DEFENSES.create({"name": "abl", "unlearning_patience": -1})
+    paper = DEFENSES.create({"name": "abl", "preset": "paper"})
+    assert (paper.unlearning_holdout, paper.unlearning_select, paper.unlearning_patience) == (0.0, "last", 0)
+    engine = engine_for(digits)
+    abl = DEFENSES.create({"name": "abl", **SHORT["abl"], "isolation_rate": 0.001, "unlearning_epochs": 0})
+    isolated, _, _ = abl.run_isolation(engine)
+    assert len(isolated) == 1
+    lookup = torch.zeros(len(engine.data), dtype=torch.bool)
+    lookup[isolated] = True
+    abl.unlearning_epochs = 1
+    with pytest.warns(UserWarning, match="too few to hold"):
+        m = abl.run_unlearning(engine, lookup)
+    assert "iso_heldout_fit_after" not in m and "unlearn_epoch_kept" not in m

@@ -1,0 +1,94 @@
+"""Does the default unlearning relapse when it runs long, and does held-out selection catch it?
+
+At full scale the default's GGA unlearned BadNets to ASR 9.2% by epoch 5, then relapsed to
+75% by epoch 20 (benchmarks/README.md, "Full scale"). This runs ABL's isolation and
+recovery once on a CIFAR-10 slice (the CI slice schedule), then unlearns from that snapshot
+twice for ``--epochs`` epochs: keeping the last epoch (with a fifth of D_b held out, so the
+held-out suspects' fit is recorded every epoch), and the default (keep the epoch that fits
+the held-out suspects least, stop ``patience`` epochs after it). Prints the per-epoch CA,
+ASR and held-out fit, and both outcomes.
+
+    python benchmarks/relapse_study.py --attack badnets --epochs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from abl.engine import Engine  # noqa: E402
+from abl.experiment import build_experiment  # noqa: E402
+from unlearning_study import ATTACKS  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--attack", default="badnets", choices=sorted(ATTACKS))
+    ap.add_argument("--train", type=int, default=5000)
+    ap.add_argument("--isolation-epochs", type=int, default=12)
+    ap.add_argument("--recovery-epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=20, help="unlearning epochs")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args()
+    raw = {
+        "seed": 0,
+        "dataset": {"name": "cifar10", "root": str(REPO / ".cache/test-data/cifar10-jpeg")},
+        "model": {"name": "wrn", "depth": 16, "widen": 1},
+        "attack": ATTACKS[args.attack],
+        "defense": {
+            "name": "abl",
+            "isolation_epochs": args.isolation_epochs,
+            "recovery_epochs": args.recovery_epochs,
+            "recovery_milestones": [round(args.recovery_epochs * 0.75)],
+            "unlearning_epochs": args.epochs,
+        },
+        "slice": {"train": args.train, "test": 2000, "seed": 0},
+        "train": {"progress": False, "eval_every": 1, "eval_subset": 0, "threads": args.threads, "batch_size": args.batch},
+        "output": {"cache_dir": str(REPO / ".cache" / "test-cache")},
+    }
+    exp = build_experiment(raw)
+    torch.set_num_threads(args.threads)
+    splits = exp.slice.apply(exp.dataset.load(Path(raw["output"]["cache_dir"])))
+    exp.attack.setup(splits.image_size, splits.num_classes)
+    data = exp.attack.poison(splits.train, "cpu")
+    trig = exp.attack.triggered_test(splits.test, "cpu")
+    torch.manual_seed(0)
+    model = exp.model.build(splits.num_classes, splits.image_size)
+    engine = Engine(model, data, splits.test, trig, exp.train, seed=0)
+    abl = exp.defense
+    t0 = time.perf_counter()
+    isolated, _, iso = abl.run_isolation(engine)
+    lookup = torch.zeros(len(data), dtype=torch.bool)
+    lookup[isolated] = True
+    opt, rec = abl.run_recovery(engine, lookup)
+    print(f"{args.attack}: isolation precision {iso['iso_precision']:.3f}; after recovery CA {rec['clean_acc']:.3f} "
+          f"ASR {rec['asr']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    state = copy.deepcopy(model.state_dict())
+    for name, spec in (("last epoch", {"unlearning_select": "last"}), ("default (held-out selection)", {})):
+        model.load_state_dict(state)
+        variant = copy.copy(abl)
+        for k, v in spec.items():
+            setattr(variant, k, v)
+        n0 = len(engine.history)
+        t = time.perf_counter()
+        m = variant.run_unlearning(engine, lookup, opt)
+        print(f"  {name}: CA {m['clean_acc']:.3f} ASR {m['asr']:.3f}, held-out fit {m.get('iso_heldout_fit_after', float('nan')):.2f}, "
+              f"epochs run {m['unlearn_epochs_run']:.0f}, kept {m.get('unlearn_epoch_kept', m['unlearn_epochs_run']):.0f} "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        for h in engine.history[n0:]:
+            print(f"    epoch {h['phase_epoch'] + 1:2d}: CA {h.get('clean_acc', float('nan')):.3f} ASR {h.get('asr', float('nan')):.3f} "
+                  f"held-out fit {h.get('heldout_fit', float('nan')):.2f} loss {h.get('heldout_loss', float('nan')):.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
