@@ -285,6 +285,8 @@ class Engine:
                 )
             record = self._record(phase, e, current_lr, train_loss, time.perf_counter() - t0, seen, epochs)
             stop = bool(after_epoch(e)) if after_epoch is not None else False
+            if self.on_epoch is not None:  # after the hook, which may add to the record
+                self.on_epoch(record)
             self._train_mode(freeze_bn)  # evaluation and ranking passes switch to eval mode
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "clean_acc", "asr")})
             if stop:
@@ -324,8 +326,6 @@ class Engine:
             record.update(self.evaluate(full=last))
         self.epoch += 1
         self.history.append(record)
-        if self.on_epoch is not None:
-            self.on_epoch(record)
         return record
 
     def loss_matrix(self) -> torch.Tensor:
