@@ -445,7 +445,7 @@ def write_report(store: RunStore, run_ids: list[str], out_dir: Path, title: str 
     ``run_ids`` may be unique prefixes; every number comes from the store.
     """
     if not run_ids:
-        raise StoreError("no runs to report: give run ids (`abl runs` lists them)")
+        raise StoreError("no runs to report: give run ids (`abl report` lists them)")
     records: list[RunRecord] = []
     for run_id in run_ids:
         rec = store.get(run_id)

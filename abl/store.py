@@ -385,9 +385,13 @@ def _record_from_folder(folder: Path) -> RunRecord:
     elif status not in STATUSES:
         meta["message"] = f"meta.json has an unknown status {status!r}"
         status = FAILED
+    if meta["run_id"] != folder.name:
+        # the folder name is the id: a planted id ("../..") must not steer paths built from it
+        meta["message"] = f"meta.json names run id {str(meta['run_id'])[:80]!r}; the folder name {folder.name!r} is used"
+        meta["run_id"] = folder.name
     comps = meta.get("components") or {}
     rec = RunRecord(
-        run_id=meta["run_id"], name=meta.get("name", meta["run_id"]), status=status, path=folder,
+        run_id=folder.name, name=str(meta.get("name", folder.name)), status=status, path=folder,
         started=meta.get("started", ""), finished=meta.get("finished"), wall_s=meta.get("wall_s"),
         metrics=metrics, seed=meta.get("seed"),
         **{c: comps.get(c) for c in _COMPONENTS},
@@ -508,14 +512,14 @@ class RunStore:
         """The run with this id, or with this unique id prefix; StoreError otherwise."""
         self._check_root()
         if not isinstance(run_id, str) or not run_id.strip():
-            raise StoreError("no run id given: `abl runs` lists the run ids")
+            raise StoreError("no run id given: `abl report` lists the run ids")
         run_id = run_id.strip()
         folders = self._folder_ids()
         if run_id in folders:
             return _record_from_folder(self.root / run_id)
         matches = sorted(f for f in folders if f.startswith(run_id))
         if not matches:
-            raise StoreError(f"no run '{run_id}' in '{self.root}': `abl runs` lists the run ids")
+            raise StoreError(f"no run '{run_id}' in '{self.root}': `abl report` lists the run ids")
         if len(matches) > 1:
             shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
             raise StoreError(f"run id '{run_id}' is ambiguous ({len(matches)} runs: {shown}): give more characters")

@@ -230,8 +230,61 @@ def test_cifar10_torchvision_missing_and_corrupt_batches(tmp_path):
     with pytest.raises(DataError, match="lacks data_batch_3.*download: true"):
         CIFAR10(root=str(tmp_path)).load(cache_dir=tmp_path / "cache")
     (folder / "data_batch_3").write_bytes(b"this is not a pickle")
-    with pytest.raises(DataError, match="not readable as torchvision's CIFAR-10 format"):
+    with pytest.raises(DataError, match="data_batch_3' is not readable as CIFAR-10's batch format"):
         CIFAR10(root=str(tmp_path)).load(cache_dir=tmp_path / "cache")
+    with open(folder / "data_batch_3", "wb") as f:  # a pickle of the wrong shape of data
+        pickle.dump({"data": np.zeros((4, 100), np.float32), "labels": [0, 1, 2, 3]}, f)
+    with pytest.raises(DataError, match="'data' is float32 of shape \\(4, 100\\), expected uint8 rows of 3,072"):
+        CIFAR10(root=str(tmp_path)).load(cache_dir=tmp_path / "cache")
+
+
+class _Planted:
+    """Unpickles by calling ``open(marker, 'w')``: creates the marker file if run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("where", ["data_batch_2", "batches.meta", "nested"])
+def test_cifar10_batches_that_would_run_code_are_refused_unrun(tmp_path, where):
+    """A planted pickle in a CIFAR-10 folder must never run (issue 8): plain ``pickle.load``
+    of the same bytes creates the marker file; our reader refuses it and creates nothing."""
+    folder = tmp_path / "cifar-10-batches-py"
+    written = _write_cifar_batches(folder)
+    marker = tmp_path / "ran"
+    if where == "nested":  # the call hidden inside an otherwise genuine batch's label list
+        entry = dict(written["data_batch_2"], labels=[0, 1, _Planted(marker), 3])
+        payload = pickle.dumps(entry)
+        target = "data_batch_2"
+    else:
+        payload = pickle.dumps({"data": _Planted(marker), "labels": [0]})
+        target = where
+    pickle.loads(payload)  # the payload is live: plain pickle runs it
+    assert marker.exists()
+    marker.unlink()
+    (folder / target).write_bytes(payload)
+    with pytest.raises(DataError, match=f"{target}' is not a plain CIFAR-10 batch: it names 'io.open'.*run code"):
+        CIFAR10(root=str(tmp_path)).load(cache_dir=tmp_path / "cache")
+    assert not marker.exists(), "the planted call ran"
+
+
+def test_cifar10_batches_in_python2_protocol_with_bytes_keys(tmp_path):
+    """The original release is a Python 2 pickle (protocol 2); copies rewritten by Python 3
+    may carry bytes keys. Both read to the same arrays."""
+    folder = tmp_path / "cifar-10-batches-py"
+    written = _write_cifar_batches(folder)
+    for name, entry in written.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump({k.encode(): v for k, v in entry.items()}, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in CIFAR10_CLASSES]}, f, protocol=2)
+    s = CIFAR10(root=str(tmp_path), order_seed=None).load(cache_dir=tmp_path / "cache")
+    assert s.class_names == CIFAR10_CLASSES
+    assert np.array_equal(s.test.images.numpy(), written["test_batch"]["data"].reshape(-1, 3, 32, 32))
+    assert s.train.labels[:4].tolist() == written["data_batch_1"]["labels"]
 
 
 def test_cifar10_download_path_uses_torchvision(tmp_path, monkeypatch):

@@ -250,3 +250,23 @@ def test_git_revision_none_outside_a_checkout(tmp_path, monkeypatch):
     # Without a git binary at all, recording still works.
     monkeypatch.setenv("PATH", str(outside))
     assert store_mod.code_revision() is None
+
+
+def test_planted_run_id_in_meta_json_steers_no_path(tmp_path):
+    """meta.json is user-editable: a run id like '../..' must not become a path (issue 8);
+    the folder name is the id, and the report over the whole store still writes."""
+    from abl.report import write_report
+
+    store = RunStore(tmp_path / "runs")
+    good, planted = _finished_run(store, "good"), _finished_run(store, "planted")
+    meta_path = planted.path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["run_id"] = "../../../outside"
+    meta_path.write_text(json.dumps(meta))
+    store.reindex()
+    ids = {r.run_id for r in store.list_runs()}
+    assert ids == {good.run_id, planted.run_id}
+    rec = store.get(planted.run_id)
+    assert rec.path == planted.path and "../../../outside" in rec.meta["message"]
+    out = write_report(store, sorted(ids), tmp_path / "report")
+    assert out.is_file() and not (tmp_path / "outside").exists()

@@ -21,12 +21,14 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from abl.config import check
 from abl.data import cache, imageio
+from abl.data.safepickle import UnsafePickleError, load_restricted
 from abl.data.registry import DATASETS
 from abl.data.types import DatasetSplits, ImageSplit
 from abl.errors import DataError
@@ -55,7 +57,7 @@ GTSRB_LAYOUTS = (
 
 def _root_path(root: str | None, what: str, how: str) -> Path:
     if root is None or not str(root).strip():
-        raise DataError(f"{what} needs a data root: set dataset.root (or --data-root) to {how}")
+        raise DataError(f"{what} needs a data root: set dataset.root in the config (or --set dataset.root=PATH) to {how}")
     return Path(root).expanduser().resolve()
 
 
@@ -149,52 +151,75 @@ class Digits:
 # --------------------------------------------------------------------------- cifar10
 
 
-def _tv_cifar10_existing(base_folder: str) -> type:
-    """torchvision's CIFAR10 reading files already present in ``root/<base_folder>``.
+def _entry(obj: Any, path: Path) -> dict[str, Any]:
+    """A batch dict with ``str`` keys (Python 3 copies may have written bytes keys)."""
+    if not isinstance(obj, dict):
+        raise DataError(f"cifar10 batch file '{path}' holds a {type(obj).__name__}, not a dict as CIFAR-10's batches do")
+    return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in obj.items()}
 
-    The md5 sums are not checked (a re-packed copy or a subset is fine); shapes and
-    labels are checked by :meth:`DatasetSplits.check` instead. Downloads use
-    torchvision's own class, md5 checks included.
-    """
-    from torchvision.datasets.cifar import CIFAR10 as TV
 
-    attrs = {
-        "base_folder": base_folder,
-        "train_list": [[n, None] for n, _ in TV.train_list],
-        "test_list": [[n, None] for n, _ in TV.test_list],
-        "meta": {**TV.meta, "md5": None},
-    }
-    return type("ExistingCIFAR10", (TV,), attrs)
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One ``data_batch_N`` / ``test_batch``: (images N x 3 x 32 x 32 uint8, labels int64)."""
+    entry = _entry(_load_pickle(path), path)
+    if "data" not in entry or not ("labels" in entry or "fine_labels" in entry):
+        raise DataError(f"cifar10 batch file '{path}' lacks the 'data' or 'labels' entry of CIFAR-10's batches")
+    data = entry["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        dtype = getattr(data, "dtype", type(data).__name__)
+        raise DataError(
+            f"cifar10 batch file '{path}': 'data' is {dtype} of shape {shape}, expected uint8 rows of 3,072 "
+            "values (3 x 32 x 32) as in CIFAR-10's batches"
+        )
+    raw_labels = entry.get("labels", entry.get("fine_labels"))
+    try:
+        labels = np.asarray(raw_labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"cifar10 batch file '{path}': 'labels' is not a list of integers") from None
+    if labels.shape != (len(data),):
+        raise DataError(f"cifar10 batch file '{path}' has {len(data)} images but {labels.size} labels")
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32)), labels
+
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        return load_restricted(path)
+    except UnsafePickleError as exc:
+        raise DataError(
+            f"cifar10 batch file '{path}' is not a plain CIFAR-10 batch: {exc}; it may be built to run code. "
+            "Use the official cifar-10-python.tar.gz (download: true) or an image-folder copy"
+        ) from None
+    except Exception as exc:  # truncated or not a pickle at all
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(
+            f"cifar10 batch file '{path}' is not readable as CIFAR-10's batch format ({text}); "
+            "fetch it again with download: true"
+        ) from None
 
 
 def read_cifar_batches(folder: Path) -> tuple[ImageSplit, ImageSplit, list[str]]:
-    """Read a ``cifar-10-batches-py`` folder with torchvision: ``(train, test, class_names)``."""
+    """Read a ``cifar-10-batches-py`` folder: ``(train, test, class_names)``.
+
+    The batch files are pickles; they are read with a restricted unpickler
+    (:mod:`abl.data.safepickle`) that admits numpy arrays, lists and strings only, so a
+    planted file cannot run code. Shapes, dtypes and label counts are checked here, the
+    label range by :meth:`DatasetSplits.check`.
+    """
     missing = [f for f in CIFAR_FILES if not (folder / f).is_file()]
     if missing:
         raise DataError(
             f"cifar10 folder '{folder}' lacks {', '.join(missing)} (torchvision's cifar-10-batches-py needs "
             f"{', '.join(CIFAR_FILES)}); fetch it again with download: true"
         )
-    cls = _tv_cifar10_existing(folder.name)
-    out = []
-    for train in (True, False):
-        try:
-            tv = cls(str(folder.parent), train=train)
-            data = np.asarray(tv.data)
-            if data.dtype != np.uint8:
-                raise ValueError(f"pixel data is {data.dtype}, expected uint8")
-            images = np.ascontiguousarray(data.transpose(0, 3, 1, 2))
-            labels = np.asarray(tv.targets, dtype=np.int64)
-            classes = [str(c) for c in tv.classes]
-        except DataError:
-            raise
-        except Exception as exc:  # unpickling errors, wrong keys, shapes or types
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DataError(
-                f"cifar10 folder '{folder}' is not readable as torchvision's CIFAR-10 format: {text}"
-            ) from None
-        out.append(_split(images, labels))
-    return out[0], out[1], classes
+    meta = _entry(_load_pickle(folder / "batches.meta"), folder / "batches.meta")
+    names = meta.get("label_names")
+    if not isinstance(names, list) or len(names) != 10:
+        raise DataError(f"cifar10 file '{folder / 'batches.meta'}' lacks the 10 'label_names' of CIFAR-10")
+    classes = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+    parts = [_read_batch(folder / f) for f in CIFAR_BATCH_FILES]
+    train_x = np.concatenate([x for x, _ in parts[:-1]])
+    train_y = np.concatenate([y for _, y in parts[:-1]])
+    return _split(train_x, train_y), _split(*parts[-1]), classes
 
 
 def _find_cifar_batches(root: Path) -> Path | None:
