@@ -555,10 +555,11 @@ def test_cache_files_fingerprint_and_dir(tmp_path, monkeypatch):
 def test_unwritable_cache_only_warns(tmp_path):
     root = tmp_path / "d"
     for split in ("train", "val"):
-        (root / split / "a").mkdir(parents=True)
-        Image.new("RGB", (8, 8), (9, 9, 9)).save(root / split / "a" / "x.png")
+        for c in ("a", "b"):  # two classes: one alone is refused
+            (root / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (9, 9, 9)).save(root / split / c / "x.png")
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
     with pytest.warns(UserWarning, match="could not write dataset cache"):
         s = ImageFolder(root=str(root), size=8).load(cache_dir=blocker)
-    assert len(s.train) == 1 and s.num_classes == 1
+    assert len(s.train) == 2 and s.num_classes == 2

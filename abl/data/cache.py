@@ -32,8 +32,9 @@ import torch
 
 from abl.data.types import DatasetSplits, ImageSplit
 
-CACHE_FORMAT = 1
-"""Bump when the decoding changes, so that old cache files are no longer used."""
+CACHE_FORMAT = 2
+"""Bump when the decoding changes, so that old cache files are no longer used
+(2: 16-bit grayscale images are scaled to 8 bits, no longer clipped to white)."""
 
 _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels", "class_names", "num_classes")
 
@@ -79,13 +80,25 @@ def files_fingerprint(paths: Iterable[Path]) -> list[Any]:
 
 
 def tree_fingerprint(root: Path) -> str:
-    """A hash of every file's relative path, size and contents under ``root``."""
+    """A hash of every file's relative path, size and contents under ``root``.
+
+    Linked folders are followed but none is entered twice, so a link loop is hashed once
+    instead of to the OS's 40-level limit. Names that are not valid UTF-8 are hashed by
+    their bytes (the scan that follows refuses them with a clear error).
+    """
     lines: list[str] = []
+    seen: set[tuple[int, int]] = set()
     stack = [("", str(root))]
     while stack:
         rel, folder = stack.pop()
         try:
-            entries = list(os.scandir(folder))
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                lines.append(f"{rel}\tseen")
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            # sorted, so that which of two links to one folder is hashed in full is fixed
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
             lines.append(f"!{rel}")
             continue
@@ -101,7 +114,7 @@ def tree_fingerprint(root: Path) -> str:
             except OSError:
                 lines.append(name + "\t?")
     lines.sort()
-    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
+    digest = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()[:32]
     return f"{len(lines)}:{digest}"
 
 

@@ -10,10 +10,14 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from abl.errors import DataError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
 """File name endings read as images (compared case-insensitively)."""
@@ -30,22 +34,67 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _utf8_name(path: str, what: str) -> None:
+    """Raise DataError if ``path`` is not valid UTF-8 (Python decodes such bytes to lone
+    surrogates, which fail later when the name is hashed, stored or printed)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise DataError(
+            f"{what} '{shown}' has a name that is not valid UTF-8; rename it (file names are recorded with the run)"
+        ) from None
+
+
 def list_class_dirs(split_dir: Path) -> list[str]:
     """Sorted names of the (non-hidden) sub-folders of ``split_dir``."""
     try:
         entries = list(os.scandir(split_dir))
     except OSError as exc:
         raise DataError(f"cannot list folder '{split_dir}': {_first_line(exc)}") from None
-    return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    names = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    for name in names:
+        _utf8_name(os.path.join(split_dir, name), "class folder")
+    return names
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, sorted); hidden files and folders are skipped."""
+    """Image files under ``folder`` (recursively, sorted); hidden files and folders are skipped.
+
+    Symbolic links are followed, but no folder is entered twice (a link back to a parent
+    would otherwise repeat every image until the OS gives up at 40 levels), and a file
+    reached by several names (links) is listed once, under the first name in sorted order.
+    """
     found: list[Path] = []
+    seen_dirs: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath, f) for f in filenames if not f.startswith(".") and is_image_file(f))
-    return sorted(found)
+        try:
+            st = os.stat(dirpath)
+            key = (st.st_dev, st.st_ino)
+        except OSError:
+            key = None
+        if key is not None and key in seen_dirs:
+            dirnames[:] = []
+            continue
+        if key is not None:
+            seen_dirs.add(key)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in filenames:
+            if not f.startswith(".") and is_image_file(f):
+                _utf8_name(os.path.join(dirpath, f), "image file")
+                found.append(Path(dirpath, f))
+    unique: list[Path] = []
+    seen_files: set[tuple[int, int]] = set()
+    for path in sorted(found):
+        try:
+            st = os.stat(path)
+        except OSError:  # a dangling link: kept, so that decoding names it
+            unique.append(path)
+            continue
+        if (st.st_dev, st.st_ino) not in seen_files:
+            seen_files.add((st.st_dev, st.st_ino))
+            unique.append(path)
+    return unique
 
 
 def scan_class_folders(
@@ -64,6 +113,12 @@ def scan_class_folders(
             f"files ({', '.join(IMAGE_EXTENSIONS)})"
         )
     if classes is None:
+        if len(found) < 2:
+            # One class would train a model that cannot be wrong ("100% accuracy").
+            raise DataError(
+                f"{what}: '{split_dir}' holds one class folder ('{found[0]}'); a classifier needs at least 2: "
+                f"add a folder per class, e.g. {split_dir}/<class>/<image>"
+            )
         classes = found
     index = {name: i for i, name in enumerate(classes)}
     paths: list[Path] = []
@@ -85,6 +140,22 @@ def scan_class_folders(
     return paths, labels, list(classes)
 
 
+_WIDE_GRAY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+"""Pillow modes of 16-bit grayscale images (PNG, PGM); their values span 0-65535."""
+
+
+def _gray16_to_8bit(im: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as 8-bit ``L``, scaled by 255/65535 (rounded).
+
+    Pillow's ``convert`` clips such values to 255 instead of scaling them, so a mid-grey
+    32768 would become white.
+    """
+    from PIL import Image
+
+    wide = np.asarray(im).astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # 2-D uint8: mode L
+
+
 def decode_image(path: str | os.PathLike, size: int, crop: bool = False) -> np.ndarray:
     """One image file as a uint8 ``(size, size, 3)`` RGB array.
 
@@ -99,6 +170,8 @@ def decode_image(path: str | os.PathLike, size: int, crop: bool = False) -> np.n
         with Image.open(path) as im:
             if im.format == "JPEG" and (im.width >= 2 * size and im.height >= 2 * size):
                 im.draft("RGB", (size, size))  # DCT-domain downscale, still >= size
+            if im.mode in _WIDE_GRAY_MODES:
+                im = _gray16_to_8bit(im)
             if im.mode != "RGB":
                 im = im.convert("RGB")
             else:

@@ -1,0 +1,100 @@
+"""Bad data and configs fail loudly, in one line, before any long work; none is silently corrupted.
+
+Each test builds its own tiny input in ``tmp_path`` and runs in about a second.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from abl.cli import main
+from abl.data import imageio
+from abl.data.cache import tree_fingerprint
+from abl.data.datasets import ImageFolder
+from abl.errors import DataError
+
+
+def make_folder(root: Path, classes: tuple[str, ...] = ("a", "b"), per_class: int = 3, size: int = 12) -> Path:
+    """``root/{train,test}/<class>/<i>.png``: flat images whose grey level differs per file."""
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((size, size, 3), 20 * i + 60 * c, np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def write_config(path: Path, tmp_path: Path, **over) -> Path:
+    cfg = {
+        "name": "bad-input",
+        "dataset": {"name": "digits"},
+        "model": {"name": "small_cnn", "width": 4},
+        "attack": None,
+        "defense": {"name": "none", "epochs": 1},
+        "train": {"progress": False, "batch_size": 64},
+        "output": {"runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")},
+    }
+    cfg.update(over)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("abl: error: "), err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_16bit_grayscale_png_is_scaled_not_clipped_to_white(tmp_path):
+    levels = np.array([[0, 257 * 40], [32768, 65535]], np.uint16)  # 0, 40, ~128, 255 in 8 bits
+    Image.fromarray(levels).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")  # what Pillow gives for a 16-bit grayscale PNG
+    out = imageio.decode_image(tmp_path / "g16.png", 2)
+    assert out[:, :, 0].tolist() == [[0, 40], [128, 255]]
+    assert (out == out[:, :, :1]).all()  # grey stays grey
+
+
+def test_symlink_loop_in_a_class_folder_reads_each_image_once(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=2)
+    a = root / "train" / "a"
+    os.symlink(".", a / "loop")  # a/loop/loop/... until the OS's 40-level limit
+    os.symlink("0.png", a / "alias.png")  # the same file under a second name
+    assert imageio.list_images(a) == [a / "0.png", a / "1.png"]
+    # the cache key walks the tree too: once, with the loop entered no second time
+    fingerprint = tree_fingerprint(root / "train")
+    assert int(fingerprint.split(":")[0]) < 12
+    splits = ImageFolder(root=str(root), size=8, order_seed=None).load(cache_dir=tmp_path / "cache")
+    assert splits.train.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_single_class_training_set_is_refused_before_decoding(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "d", classes=("only",))
+    monkeypatch.setattr(imageio, "decode_images", lambda *a, **k: pytest.fail("decoded a one-class folder"))
+    with pytest.raises(DataError, match="one class folder \\('only'\\); a classifier needs at least 2"):
+        ImageFolder(root=str(root), size=8).load(cache_dir=tmp_path / "cache")
+
+
+def test_non_utf8_file_name_is_one_line_error(tmp_path, capsys):
+    root = make_folder(tmp_path / "d")
+    Image.new("RGB", (12, 12)).save(os.fsencode(root / "train" / "a") + b"/caf\xe9.png")
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path, dataset={"name": "imagefolder", "root": str(root), "size": 8})
+    code, err = run_cli(["run", str(cfg)], capsys)
+    assert_one_line_error(code, err, "caf\\xe9.png", "not valid UTF-8", "rename")
