@@ -6,6 +6,8 @@ never holds component logic of its own.
 
 from __future__ import annotations
 
+import copy
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from abl.data.datasets import DATASETS  # noqa: F401  (registration)
 from abl.data.types import DatasetSplits, PoisonedSet
 from abl.defenses import DEFENSES, Defense
 from abl.engine import Engine, TrainConfig
-from abl.errors import ConfigError
+from abl.errors import ConfigError, DataError
 from abl.models import MODELS
 from abl.store import RunRecord, RunStore
 
@@ -141,6 +143,69 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None,
     return build_experiment(apply_overrides(raw, list(overrides or [])))
 
 
+def check_runs_dir(runs_dir: str | Path) -> None:
+    """Raise ConfigError if results cannot be written under ``runs_dir`` (it, or the nearest
+    folder above it that exists, must be a writable folder): checked before any data loads."""
+    root = Path(runs_dir)
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    how = "pass --runs-dir DIR or set output.runs_dir to a folder you can write"
+    if not existing.is_dir():
+        raise ConfigError(f"runs folder '{root}' cannot be made: '{existing}' is a file, not a folder; {how}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"runs folder '{root}' cannot be written: no write permission in '{existing}'; {how}")
+
+
+def check_model_input(model_cfg: Any, image_size: int, num_classes: int = 2) -> None:
+    """Raise ConfigError if the model cannot take ``image_size`` images.
+
+    Builds the model on the CPU and runs it once on a blank image in eval mode, so a size
+    too small for its pooling fails here with the model's name rather than as a traceback
+    in the first training batch. The global RNG is restored, so runs stay reproducible.
+    """
+    name = getattr(type(model_cfg), "registered_name", type(model_cfg).__name__)
+    with torch.random.fork_rng(devices=[]):
+        model = model_cfg.build(num_classes, image_size).eval()
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, image_size, image_size))
+        except RuntimeError as exc:
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(
+                f"model '{name}' cannot take {image_size}x{image_size} images ({text}); "
+                "set a larger dataset.size or pick another model"
+            ) from None
+
+
+def preflight(exp: Experiment, runs_dir: str | Path) -> int | None:
+    """The checks that need no data, run before loading it: the runs folder is writable and,
+    when the dataset config fixes the image size, the model takes it and the attack's
+    trigger (its files included) builds for it. Returns that size (``None``: unknown)."""
+    check_runs_dir(runs_dir)
+    size = getattr(exp.dataset, "size", None)
+    if not isinstance(size, int) or isinstance(size, bool):
+        return None
+    check_model_input(exp.model, size)
+    if exp.attack is not None:
+        # on a copy: the run's attack is set up for real once the data has loaded
+        copy.deepcopy(exp.attack).build(size)
+    return size
+
+
+def check_classes(splits: DatasetSplits) -> None:
+    """Raise DataError if the training split (after any slice) holds fewer than two classes:
+    such a model cannot be wrong, and its "100% accuracy" means nothing."""
+    present = splits.train.labels.unique().tolist()
+    if len(present) < 2:  # never 0: the splits' own check refuses an empty split
+        label = int(present[0])
+        only = splits.class_names[label] if label < len(splits.class_names) else str(label)
+        raise DataError(
+            f"{splits.name}: the training set holds images of one class only ('{only}'); a classifier needs at "
+            "least 2 classes: add images of the others (or, with slice.train, keep more examples)"
+        )
+
+
 def run_experiment(
     exp: Experiment,
     store: RunStore | None = None,
@@ -154,9 +219,13 @@ def run_experiment(
     if exp.train.threads:
         torch.set_num_threads(exp.train.threads)
     device = exp.train.resolve_device()
+    checked_size = preflight(exp, store.root)  # fail in seconds, not after loading the data
     t_start = time.perf_counter()
     splits = exp.slice.apply(exp.dataset.load(Path(exp.output.cache_dir) if exp.output.cache_dir else None))
+    check_classes(splits)
     n_classes, size = splits.num_classes, splits.image_size
+    if size != checked_size:
+        check_model_input(exp.model, size, n_classes)
 
     triggered = None
     attack_metrics: dict[str, float] = {}

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
+from abl.attacks import ATTACKS
 from abl.cli import main
 from abl.data import imageio
 from abl.data.cache import tree_fingerprint
-from abl.data.datasets import ImageFolder
+from abl.data.datasets import Digits, ImageFolder
 from abl.errors import DataError
 
 
@@ -59,6 +61,17 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
+@pytest.fixture
+def no_data_load(monkeypatch):
+    """Make loading any dataset fail the test: the error must come before the data loads."""
+
+    def refuse(self, cache_dir=None):
+        raise AssertionError("the data was loaded before the bad input was reported")
+
+    for cls in (Digits, ImageFolder):
+        monkeypatch.setattr(cls, "load", refuse)
+
+
 # --------------------------------------------------------------------------- images
 
 
@@ -92,9 +105,66 @@ def test_single_class_training_set_is_refused_before_decoding(tmp_path, monkeypa
         ImageFolder(root=str(root), size=8).load(cache_dir=tmp_path / "cache")
 
 
+def test_slice_down_to_one_class_is_refused(tmp_path, capsys):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path, slice={"train": 1})
+    code, err = run_cli(["run", str(cfg)], capsys)
+    assert_one_line_error(code, err, "one class only", "slice.train")
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
+
+
 def test_non_utf8_file_name_is_one_line_error(tmp_path, capsys):
     root = make_folder(tmp_path / "d")
     Image.new("RGB", (12, 12)).save(os.fsencode(root / "train" / "a") + b"/caf\xe9.png")
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path, dataset={"name": "imagefolder", "root": str(root), "size": 8})
     code, err = run_cli(["run", str(cfg)], capsys)
     assert_one_line_error(code, err, "caf\\xe9.png", "not valid UTF-8", "rename")
+
+
+# --------------------------------------------------------------------------- checked before the data loads
+
+
+def test_image_size_too_small_for_the_model_fails_before_loading(tmp_path, capsys, no_data_load):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path, dataset={"name": "digits", "size": 3})
+    code, err = run_cli(["run", str(cfg)], capsys)
+    assert_one_line_error(code, err, "model 'small_cnn' cannot take 3x3 images", "dataset.size")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unwritable_runs_folder_fails_before_loading(tmp_path, capsys, no_data_load):
+    (tmp_path / "a-file").write_text("not a folder")
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path)
+    code, err = run_cli(["run", str(cfg), "--runs-dir", str(tmp_path / "a-file" / "runs")], capsys)
+    assert_one_line_error(code, err, "a-file", "is a file", "--runs-dir")
+
+
+def test_runs_folder_without_write_permission_fails_before_loading(tmp_path, capsys, no_data_load, monkeypatch):
+    # root may write anywhere, so the permission bits alone cannot show this when tests run as root
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path)
+    code, err = run_cli(["run", str(cfg)], capsys)
+    assert_one_line_error(code, err, "cannot be written", str(tmp_path))
+
+
+def test_sig_pattern_file_as_npz_is_read(tmp_path):
+    j = np.arange(16, dtype=np.float32)
+    signal = np.tile(20 * np.sin(2 * np.pi * j * 3 / 16), (16, 1)).astype(np.float32)
+    np.savez(tmp_path / "sig.npz", x=signal)
+    np.save(tmp_path / "sig.npy", signal)
+    from_npz = ATTACKS.create({"name": "sig", "pattern_file": str(tmp_path / "sig.npz")})
+    from_npy = ATTACKS.create({"name": "sig", "pattern_file": str(tmp_path / "sig.npy")})
+    from_npz.setup(16, 10)
+    from_npy.setup(16, 10)
+    assert torch.equal(from_npz.signal, from_npy.signal) and from_npz.signal.abs().max() > 0.05
+
+
+def test_bad_sig_pattern_files_fail_before_loading(tmp_path, capsys, no_data_load):
+    np.savez(tmp_path / "wrong-size.npz", x=np.zeros((8, 8), np.float32))
+    np.savez(tmp_path / "empty.npz")
+    Image.new("RGB", (16, 16)).save(tmp_path / "picture.png")
+    cases = (("wrong-size.npz", "expected (16, 16)"), ("empty.npz", "without arrays"), ("picture.png", ".npy or .npz"))
+    for name, needle in cases:
+        attack = {"name": "sig", "pattern_file": str(tmp_path / name)}
+        cfg = write_config(tmp_path / "cfg.yaml", tmp_path, attack=attack)
+        code, err = run_cli(["run", str(cfg)], capsys)
+        assert_one_line_error(code, err, "attack.pattern_file", name, needle)

@@ -9,6 +9,7 @@ tensor ops in [0, 1] on any device, shape kept) and *how labels change*
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -222,6 +223,25 @@ class CleanLabelAttack(Attack):
     clean_label: ClassVar[bool] = True
 
 
+def load_array_file(path: Path, where: str) -> np.ndarray:
+    """The array of a ``.npy`` file, or of a ``.npz`` archive: its ``x`` array, else its first.
+
+    Read with ``allow_pickle=False``; an unreadable or empty file raises a one-line
+    :class:`DataError` naming ``where`` (the config key) and the file.
+    """
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            return loaded
+        with loaded:
+            if not loaded.files:
+                raise DataError(f"{where}: '{path}' is an .npz archive without arrays; save the array in it")
+            return loaded["x" if "x" in loaded.files else loaded.files[0]]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{where}: cannot read '{path}' as a numpy array ({text}); save it with numpy.save") from None
+
+
 def load_pattern_file(path: str, image_size: int, where: str, *, resize: bool = False) -> torch.Tensor:
     """Load a trigger image/array as float ``(3, H, W)`` in [0, 1] at ``image_size``.
 
@@ -234,11 +254,7 @@ def load_pattern_file(path: str, image_size: int, where: str, *, resize: bool = 
     suffix = p.suffix.lower()
     try:
         if suffix in (".npy", ".npz"):
-            arr = np.load(p, allow_pickle=False)
-            if isinstance(arr, np.lib.npyio.NpzFile):
-                keys = list(arr.keys())
-                arr = arr["x"] if "x" in keys else arr[keys[0]]
-            t = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+            t = torch.from_numpy(np.asarray(load_array_file(p, where), dtype=np.float32))
             if t.max() > 1.0:
                 t = t / 255.0
         else:

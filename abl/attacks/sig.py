@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from abl.attacks.base import ATTACKS, CleanLabelAttack
+from abl.attacks.base import ATTACKS, CleanLabelAttack, load_array_file
 from abl.config import check
 from abl.errors import DataError
 
@@ -65,10 +65,10 @@ class SIG(CleanLabelAttack):
             p = Path(self.pattern_file)
             if not p.is_file():
                 raise DataError(f"attack.pattern_file: signal file '{p}' does not exist")
-            try:
-                arr = np.load(p, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise DataError(f"attack.pattern_file: cannot read '{p}': {exc}") from None
+            if p.suffix.lower() not in (".npy", ".npz"):
+                kind = f"a {p.suffix} file" if p.suffix else "a file without .npy/.npz suffix"
+                raise DataError(f"attack.pattern_file: '{p}' must be a .npy or .npz array of the signal, not {kind}")
+            arr = load_array_file(p, "attack.pattern_file")  # an .npz: its 'x' array, else its first
             if arr.dtype == np.uint8 and self.mode == "additive":
                 arr = arr.view(np.int8)
             signal = torch.from_numpy(arr.astype(np.float32))

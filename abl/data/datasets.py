@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -248,6 +248,9 @@ class CIFAR10:
     root: str | None = None
     download: bool = False
     order_seed: int | None = 0
+
+    #: every layout gives 32x32 images; known before loading, so a run can check its model first
+    size: ClassVar[int] = 32
 
     def validate(self) -> None:
         _check_order_seed(self.order_seed)
