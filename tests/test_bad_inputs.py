@@ -16,10 +16,11 @@ from PIL import Image
 
 from abl.attacks import ATTACKS
 from abl.cli import main
+from abl.config import load_yaml
 from abl.data import imageio
 from abl.data.cache import tree_fingerprint
 from abl.data.datasets import Digits, ImageFolder
-from abl.errors import DataError
+from abl.errors import ConfigError, DataError
 
 
 def make_folder(root: Path, classes: tuple[str, ...] = ("a", "b"), per_class: int = 3, size: int = 12) -> Path:
@@ -168,3 +169,16 @@ def test_bad_sig_pattern_files_fail_before_loading(tmp_path, capsys, no_data_loa
         cfg = write_config(tmp_path / "cfg.yaml", tmp_path, attack=attack)
         code, err = run_cli(["run", str(cfg)], capsys)
         assert_one_line_error(code, err, "attack.pattern_file", name, needle)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_duplicate_yaml_key_is_refused_with_its_name(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: x\nattack:\n  name: badnets\n  rate: 0.1\n  target: 0\n  rate: 0.5\n")
+    with pytest.raises(ConfigError, match="duplicate key 'rate' \\(line 6\\)"):
+        load_yaml(path)
+    # a key brought in by a merge may still be overridden: that is what merges are for
+    path.write_text("base: &b {rate: 0.1, target: 0}\nattack:\n  <<: *b\n  rate: 0.2\n")
+    assert load_yaml(path)["attack"] == {"rate": 0.2, "target": 0}
