@@ -137,10 +137,42 @@ def build_experiment(raw: dict[str, Any]) -> Experiment:
     return exp
 
 
+INPUT_PATH_SECTIONS = ("dataset", "attack")
+"""Sections whose ``root`` and ``*_file`` keys name input files or folders."""
+
+
+def resolve_input_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``raw`` with each relative ``dataset.root`` and ``attack.*_file`` made absolute against
+    ``base`` (links resolved); ``~`` paths and absolute ones are kept as written. Sections
+    are copied, not edited in place."""
+    out = dict(raw)
+    for section in INPUT_PATH_SECTIONS:
+        spec = out.get(section)
+        if not isinstance(spec, dict):
+            continue
+        spec = dict(spec)
+        for key, value in spec.items():
+            if (key == "root" or key.endswith("_file")) and isinstance(value, str) and value.strip():
+                if not Path(value).expanduser().is_absolute():
+                    spec[key] = str((base / value).resolve())  # resolve(): no 'configs/../' in the record
+        out[section] = spec
+    return out
+
+
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> Experiment:
-    """Read a YAML config (or start from ``base``), apply ``key=value`` overrides, validate."""
-    raw = load_yaml(path) if path is not None else dict(base or {})
-    return build_experiment(apply_overrides(raw, list(overrides or [])))
+    """Read a YAML config (or start from ``base``), apply ``key=value`` overrides, validate.
+
+    Relative input paths (``dataset.root``, ``attack.*_file``) in the file are read against
+    the file's folder, so a config works from any directory; those given as overrides or in
+    ``base`` against the current directory. Either way the absolute path is what is
+    validated and recorded with the run.
+    """
+    if path is not None:
+        raw = resolve_input_paths(load_yaml(path), Path(path).absolute().parent)
+    else:
+        raw = dict(base or {})
+    raw = apply_overrides(raw, list(overrides or []))
+    return build_experiment(resolve_input_paths(raw, Path.cwd()))
 
 
 def check_runs_dir(runs_dir: str | Path) -> None:

@@ -21,6 +21,8 @@ from abl.data import imageio
 from abl.data.cache import tree_fingerprint
 from abl.data.datasets import Digits, ImageFolder
 from abl.errors import ConfigError, DataError
+from abl.experiment import load_experiment
+from abl.store import RunStore
 
 
 def make_folder(root: Path, classes: tuple[str, ...] = ("a", "b"), per_class: int = 3, size: int = 12) -> Path:
@@ -182,3 +184,28 @@ def test_duplicate_yaml_key_is_refused_with_its_name(tmp_path):
     # a key brought in by a merge may still be overridden: that is what merges are for
     path.write_text("base: &b {rate: 0.1, target: 0}\nattack:\n  <<: *b\n  rate: 0.2\n")
     assert load_yaml(path)["attack"] == {"rate": 0.2, "target": 0}
+
+
+def test_relative_paths_in_a_config_are_read_against_its_folder(tmp_path, capsys, monkeypatch):
+    project = tmp_path / "project"
+    make_folder(project / "data" / "imgs")
+    (project / "triggers").mkdir()
+    Image.new("RGB", (3, 3), (255, 0, 255)).save(project / "triggers" / "patch.png")
+    cfg = write_config(
+        project / "configs" / "run.yaml",
+        tmp_path,
+        dataset={"name": "imagefolder", "root": "../data/imgs", "size": 8},
+        attack={"name": "badnets", "rate": 0.2, "size": 3, "pattern_file": "../triggers/patch.png"},
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, err = run_cli(["run", str(cfg)], capsys)
+    assert code == 0, err
+    saved = RunStore(tmp_path / "runs").list_runs()[0].config  # the run's config.yaml
+    assert Path(saved["dataset"]["root"]).resolve() == (project / "data" / "imgs").resolve()
+    assert Path(saved["attack"]["pattern_file"]).resolve() == (project / "triggers" / "patch.png").resolve()
+    assert Path(saved["dataset"]["root"]).is_absolute() and Path(saved["attack"]["pattern_file"]).is_absolute()
+    # --set values are typed in the shell, so they stay relative to the current directory
+    exp = load_experiment(cfg, ["dataset.root=mine"])
+    assert exp.dataset.root == str(elsewhere / "mine")
