@@ -31,11 +31,45 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _yaml_value(value: object) -> str:
+    """A default as it would be written in a YAML config (null, true, [20, 70])."""
+    import dataclasses
+
+    import yaml
+
+    from abl.config import to_plain
+
+    if value is dataclasses.MISSING:
+        return "(required)"
+    text = yaml.safe_dump(to_plain(value), default_flow_style=True, width=1000).strip()
+    return text.removesuffix("\n...").strip()
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from abl.registries import all_registries
+    from abl.registry import describe
 
-    for kind, registry in all_registries().items():
+    registries = all_registries()
+    if args.kind is None:
+        for kind, registry in registries.items():
+            print(f"{kind}s: {', '.join(registry.names())}")
+        return 0
+    kind = args.kind.rstrip("s") if args.kind.rstrip("s") in registries else args.kind
+    if kind not in registries:
+        raise AblError(f"unknown kind '{args.kind}'; use one of {', '.join(registries)} (e.g. `abl list attack badnets`)")
+    registry = registries[kind]
+    if args.name is None:
         print(f"{kind}s: {', '.join(registry.names())}")
+        return 0
+    cls = registry.get(args.name)
+    summary = (cls.__doc__ or "").strip().replace("``", "").splitlines()
+    print(f"{kind} {args.name}: {summary[0] if summary else ''}".rstrip(": "))
+    params = describe(cls)
+    if not params:
+        print("  (no parameters)")
+    for p in params:
+        line = f"  {p.name}: {p.type} = {_yaml_value(p.default)}"
+        print(f"{line}  -- {p.doc}" if p.doc else line)
     return 0
 
 
@@ -76,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, repeatable")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("list", help="list the registered datasets, models, attacks and defenses")
+    p = sub.add_parser("list", help="list the registered datasets, models, attacks and defenses, or one's parameters")
+    p.add_argument("kind", nargs="?", help="dataset, model, attack or defense: list only these")
+    p.add_argument("name", nargs="?", help="a component: show its parameters with defaults (e.g. `abl list attack badnets`)")
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("report", help="list and compare runs; with --out, write a Markdown report with plots")

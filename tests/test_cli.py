@@ -56,6 +56,29 @@ def test_list_shows_every_registry(capsys):
         assert word in out
 
 
+def test_list_shows_a_components_parameters(capsys):
+    """``abl list attack badnets``: every parameter, its default as YAML, one line from the docstrings."""
+    import dataclasses
+
+    from abl.attacks.badnets import BadNets
+
+    code, out, _ = run_cli(["list", "attack", "badnets"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("attack badnets: BadNets")
+    params = {line.split(":")[0].strip(): line for line in lines[1:]}
+    assert list(params) == [f.name for f in dataclasses.fields(BadNets)]  # base Attack's fields too
+    assert "= 0.1" in params["rate"] and "poisoned" in params["rate"]  # documented on the base class
+    assert "'grid' | 'white' | 'random' = grid" in params["pattern"] and "seeded binary noise" in params["pattern"]
+    assert "= null" in params["pattern_file"] and "patch" in params["pattern_file"]
+    code, out, _ = run_cli(["list", "models"], capsys)
+    assert code == 0 and out.startswith("models: ") and "wrn" in out and "badnets" not in out
+    code, _, err = run_cli(["list", "attack", "badnet"], capsys)
+    assert_one_line_error(code, err, "unknown attack 'badnet'", "badnets")
+    code, _, err = run_cli(["list", "gadget"], capsys)
+    assert_one_line_error(code, err, "unknown kind 'gadget'", "attack")
+
+
 def test_run_records_a_finished_run(tmp_path, capsys):
     cfg = write_config(tmp_path)
     code, out, err = run_cli(["run", str(cfg), "--set", "defense.epochs=2", "--set", "name=override"], capsys)
