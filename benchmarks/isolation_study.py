@@ -32,6 +32,8 @@ ATTACKS = {
     "badnets": {"name": "badnets", "rate": 0.1, "target": 0},
     "blend": {"name": "blend", "rate": 0.1, "target": 0},
     "trojan": {"name": "trojan", "rate": 0.1, "target": 0},
+    # the GTSRB slice test's attack (tests/test_abl_gtsrb.py): 5%, top-left grid; pass --target 1
+    "badnets_gtsrb": {"name": "badnets", "rate": 0.05, "target": 1, "position": "top_left"},
 }
 
 
