@@ -11,7 +11,7 @@ def test_demo_end_to_end(tmp_path):
     none, abl = by_name["demo-none"].final_metrics, by_name["demo-abl"].final_metrics
     assert all(r.status == "finished" for r in records)
     assert none["asr"] >= 0.95 and none["clean_acc"] >= 0.95, none
-    # default ABL, epoch counts shortened: CA 90.4%, ASR 5.4% on 2026-11-26 (benchmarks/README.md)
+    # default ABL, recovery shortened: CA 90.9%, ASR 3.7% on 2026-11-27 (benchmarks/README.md)
     assert abl["asr"] <= 0.10 and abl["clean_acc"] >= 0.85, abl
     assert abl["iso_precision"] >= 0.75, abl
     text = report.read_text()
