@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from abl.errors import AblError
@@ -118,14 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="list and compare runs; with --out, write a Markdown report with plots")
     p.add_argument("runs", nargs="*", help="run ids (or unique prefixes); default: every run")
     p.add_argument("--runs-dir", default="runs", help="results folder (default: runs)")
-    p.add_argument("--status", choices=["finished", "failed", "running"], help="only runs with this status")
+    p.add_argument("--status", choices=["finished", "failed", "running", "interrupted"], help="only runs with this status")
     p.add_argument("--out", help="write report.md and PNG plots into this folder")
     p.set_defaults(func=_cmd_report)
     return parser
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (a scheduler's kill, `kill PID`) ends a run like Ctrl-C: recorded as
+    # interrupted, not left "running" forever.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return args.func(args)
     except AblError as exc:
@@ -134,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("abl: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

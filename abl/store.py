@@ -58,8 +58,12 @@ import yaml
 import abl
 from abl.errors import StoreError
 
-RUNNING, FINISHED, FAILED = "running", "finished", "failed"
-STATUSES = (RUNNING, FINISHED, FAILED)
+RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
+STATUSES = (RUNNING, FINISHED, FAILED, INTERRUPTED)
+#: a run on another host with no sign of life (``heartbeat`` file) for this long is shown
+#: interrupted; on its own host, the run's process being gone decides at once.
+STALE_S = 3600.0
+HEARTBEAT = "heartbeat"
 
 INDEX_NAME = "index.sqlite"
 _SCHEMA_VERSION = 1
@@ -368,10 +372,41 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _liveness(folder: Path, meta: dict[str, Any]) -> str | None:
+    """Why a run whose folder says ``running`` is in fact dead, or None if it may be alive.
+
+    Same host: its recorded process is gone (``kill -9``, a crash, a reboot). Another host:
+    its heartbeat (touched at start and after every epoch) is older than :data:`STALE_S`.
+    """
+    pid = meta.get("pid")
+    if meta.get("hostname") == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool):
+        return None if _pid_alive(pid) else f"its process (pid {pid}) is gone"
+    try:
+        age = time.time() - (folder / HEARTBEAT).stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return f"no sign of life for {age / 3600:.1f} h" if age > STALE_S else None
+
+
 def _record_from_folder(folder: Path) -> RunRecord:
     """Read a run from its folder (the source of truth)."""
     meta = _read_meta(folder)
     status = meta.get("status", RUNNING)
+    if status == RUNNING:
+        dead = _liveness(folder, meta)
+        if dead is not None:
+            status = INTERRUPTED
+            meta["message"] = f"interrupted: {dead}"
     metrics: dict[str, dict[str, float]] = {}
     if status == FINISHED:
         try:
@@ -462,13 +497,14 @@ class RunStore:
 
         meta = {
             "run_id": run_id, "name": name, "seed": seed, "status": RUNNING,
-            "started": _iso(started), "finished": None, "wall_s": None, "message": None,
+            "started": _iso(started), "finished": None, "wall_s": None, "message": None, "pid": os.getpid(),
             **_environment(),
             "device": _device(config),
             "components": {c: _component(config, c) for c in _COMPONENTS},
         }
         _atomic_write_text(folder / "config.yaml", config_text)
         (folder / "history.jsonl").touch()
+        (folder / HEARTBEAT).touch()
         _atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2))
         writer = RunWriter(self, folder, meta)
         self._index_put(_record_from_folder(folder))
@@ -493,15 +529,20 @@ class RunStore:
         if {r.run_id for r in records} != folders:
             self.reindex()
             records = self._index_read()
-        # A "running" row may be stale (a writer died between its folder and index
-        # writes, or its index update lost a race): the folder decides.
+        # The folders are the truth, the index a cache: a row may be stale (a writer died
+        # between its folder and index writes, an update lost a race, someone edited the
+        # index, a process was killed). Each folder's meta.json decides the status.
         for i, rec in enumerate(records):
-            if rec.status == RUNNING:
+            try:
+                meta = _read_meta(rec.path)
+            except StoreError:
+                continue
+            if rec.status == RUNNING or meta.get("status") != rec.status or rec.status == INTERRUPTED:
                 try:
                     fresh = _record_from_folder(rec.path)
                 except StoreError:
                     continue
-                if fresh.status != RUNNING:
+                if fresh.status != rec.status or fresh.metrics != rec.metrics:
                     records[i] = fresh
                     self._index_put(fresh)
         if status is not None:
@@ -678,6 +719,7 @@ class RunWriter:
         with open(self.path / "history.jsonl", "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
+        (self.path / HEARTBEAT).touch()
 
     def save_array(self, name: str, array: np.ndarray) -> None:
         """Save ``<name>.npy`` (plain dtypes only: object arrays are refused, never pickled)."""
@@ -721,6 +763,11 @@ class RunWriter:
         self._check_open("fail")
         self._close(FAILED, wall_s=time.monotonic() - self._t0, message=str(message))
 
+    def interrupt(self, message: str = "interrupted (Ctrl-C or SIGTERM)") -> None:
+        """Mark the run interrupted: stopped from outside, not failed by its own error."""
+        self._check_open("interrupt")
+        self._close(INTERRUPTED, wall_s=time.monotonic() - self._t0, message=str(message))
+
     def _close(self, status: str, *, wall_s: float, message: str | None) -> None:
         meta = {**self._meta, "status": status, "finished": _iso(_now()), "wall_s": wall_s, "message": message}
         _atomic_write_text(self.path / "meta.json", json.dumps(meta, indent=2, allow_nan=False))
@@ -732,7 +779,9 @@ class RunWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self.status == RUNNING:
-            if exc_type is not None:
+            if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+                self.interrupt()
+            elif exc_type is not None:
                 text = str(exc).splitlines()[0] if str(exc) else ""
                 self.fail(f"{exc_type.__name__}: {text}" if text else exc_type.__name__)
             else:
