@@ -21,10 +21,13 @@ from abl.store import RunStore
 from practitioner_data import make_poisoned_folder
 from slice_schedule import ABL_DEFAULT_SLICE, NONE_SAME_LENGTH, SLICE_TRAIN
 
-# Known to fail with today's default (2026-11-26): it isolated 20 clean automobile/truck
-# images (precision 0%, separation 6.6, not flagged weak) and unlearning them cost 15 points
-# of CA (benchmarks/README.md). It states the target; it runs with -m extended until the
-# default meets it, instead of failing every CI run.
+# Known to fail with today's default. 2026-11-26 (two xdist workers at one thread): it
+# isolated 20 clean automobile/truck images (precision 0%, separation 6.6, not flagged weak).
+# 2026-11-27 (one process, two threads, after the image-folder fixes of issue 8): 20 of 20
+# isolated files poisoned (separation 20.8), the sticker planted at 100% ASR, but unlearning
+# left 49% (it kept epoch 3 of 8, where the 4 held-out suspects were unfitted and 31% of the
+# 16 unlearned ones still fitted); CA 47.1% none, 51.2% ABL (benchmarks/README.md). It states
+# the target; it runs with -m extended until the default meets it, instead of failing CI.
 pytestmark = [pytest.mark.slow, pytest.mark.extended, pytest.mark.xdist_group("practitioner")]
 
 
@@ -34,7 +37,10 @@ def practitioner_run(cifar10_root, tmp_path_factory):
     poisoned = make_poisoned_folder(cifar10_root, folder, per_class=200, test_per_class=100, rate=0.1)
     out = tmp_path_factory.mktemp("practitioner-runs")
     runs = {}
-    for name, defense in (("none", NONE_SAME_LENGTH), ("abl", ABL_DEFAULT_SLICE)):
+    # unlearning keeps the default's 20 epochs (2,000 images make them cheap); its held-out
+    # check stops it early
+    abl = {k: v for k, v in ABL_DEFAULT_SLICE.items() if k != "unlearning_epochs"}
+    for name, defense in (("none", NONE_SAME_LENGTH), ("abl", abl)):
         runs[name] = _run(folder, out, name, defense)
     return runs["abl"], set(poisoned), folder, runs["none"]
 

@@ -33,10 +33,12 @@ def test_four_runs_on_a_cpu_slice(full_scale, cifar10_root, tmp_path):
     text = full_scale.main([
         "--root", str(cifar10_root), "--train", "1000", "--test", "500", "--epochs-scale", "0.05",
         "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(REPO / ".cache" / "test-cache"),
-        "--write-readme", str(readme),
+        "--write-readme", str(readme), "--jobs", "2", "--threads", "1",
     ])
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    # --jobs 2: each run in its own process, the table still in the runs' order
     assert [r.split("|")[1].strip() for r in rows] == ["none", "paper", "official", "default"]
+    assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 4
     for r in rows[1:]:
         assert "iso " in r and "rec " in r and "unl " in r, r  # CA / ASR after every stage
     body = readme.read_text()
