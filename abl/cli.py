@@ -29,7 +29,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     records, report = run_demo(args.out, args.set)
     print(demo_table(records))
-    print(f"report: {report}")
+    print(f"report: {report} (open it in a Markdown viewer; the PNGs sit beside it)")
+    print(f"the runs: abl report --runs-dir {Path(args.out) / 'runs'}")
     return 0
 
 

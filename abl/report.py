@@ -77,7 +77,7 @@ def fmt_rate(value: float | None) -> str:
     if value is None:
         return MISSING
     if isinstance(value, float) and math.isnan(value):
-        return "nan"
+        return MISSING  # e.g. isolation precision of a run with no ground truth
     return f"{100.0 * value:.2f}%"
 
 
@@ -89,7 +89,7 @@ def fmt_seconds(value: float | None) -> str:
 
 
 def fmt_number(value: float | None) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return MISSING
     return f"{value:.4g}"
 
@@ -148,10 +148,17 @@ def runs_table(records: list[RunRecord], columns: list[str] | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
+def _is_nan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
 def _phase_metrics_table(rec: RunRecord) -> str:
     names: list[str] = []
     for values in rec.metrics.values():
         names += [n for n in values if n not in names]
+    # a metric that is NaN wherever it appears (e.g. isolation precision without ground
+    # truth) says nothing: leave its column out
+    names = [n for n in names if not all(_is_nan(v.get(n)) for v in rec.metrics.values() if n in v)]
     lines = ["| phase | " + " | ".join(METRIC_LABELS.get(n, n) for n in names) + " |",
              "|" + "|".join("---" for _ in range(len(names) + 1)) + "|"]
     for phase, values in rec.metrics.items():
@@ -239,10 +246,12 @@ def plot_losses(rec: RunRecord, path: Path) -> str | None:
     losses = np.clip(losses, 1e-6, None)  # log scale: zero losses sit at the floor
     x = np.arange(1, losses.shape[0] + 1)
     spans = _phase_spans(_epochs(rec.history()))
+    truth = _has_ground_truth(rec)
+    groups = loss_groups(rec, mask)
 
     fig = _new_figure(7.0, 4.0)
     ax = fig.add_subplot()
-    for sel, label, color in ((mask, "poisoned", "#d7191c"), (~mask, "clean", "#2c7bb6")):
+    for sel, label, color in groups:
         if not sel.any():
             continue
         mean, lo, hi = _band(losses[:, sel])
@@ -257,7 +266,7 @@ def plot_losses(rec: RunRecord, path: Path) -> str | None:
     ax.legend(fontsize=8, loc="best")
     if spans and spans[-1][2] == len(x):  # history aligns with the loss rows
         _mark_phases(ax, spans)
-    fig.suptitle(f"{rec.name}: per-example loss", fontsize=10)
+    fig.suptitle(f"{rec.name}: per-example loss" + ("" if truth else " (no ground truth: isolated vs the rest)"), fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     return None
@@ -302,6 +311,35 @@ def _tile(image: np.ndarray, scale: int, rgb: tuple[int, int, int], border: int)
     return out
 
 
+def loss_groups(rec: RunRecord, mask: np.ndarray) -> list[tuple[np.ndarray, str, str]]:
+    """(selection, label, colour) of the loss plot's curves: poisoned vs clean when the run
+    applied a known attack; otherwise (``attack: null``) nothing is known to be clean, so
+    the isolated (suspicious) examples vs the rest."""
+    if _has_ground_truth(rec):
+        return [(mask, "poisoned", "#d7191c"), (~mask, "clean", "#2c7bb6")]
+    isolated = np.zeros(len(mask), dtype=bool)
+    if rec.has_array("isolated_indices"):
+        isolated[rec.array("isolated_indices").astype(np.int64)] = True
+    return [(isolated, "isolated (suspicious)", "#fdae61"), (~isolated, "the rest", "#7f7f7f")]
+
+
+def tile_titles(rec: RunRecord, k: int) -> list[str]:
+    """Captions of the first ``k`` isolated pictures: the file name where the data came from
+    files (shortened to fit), else the training index."""
+    indices = rec.array("isolated_indices") if rec.has_array("isolated_indices") else np.arange(k)
+    files = rec.array("isolated_files") if rec.has_array("isolated_files") else None
+    out = []
+    for i in range(k):
+        title = Path(str(files[i])).name if files is not None and i < len(files) else f"#{int(indices[i])}"
+        out.append(title if len(title) <= 18 else title[:8] + "…" + title[-8:])
+    return out
+
+
+def _has_ground_truth(rec: RunRecord) -> bool:
+    """Whether the run applied a known attack, so that poisoned / clean labels mean something."""
+    return bool((rec.meta.get("components") or {}).get("attack")) or rec.has_array("isolated_is_poison")
+
+
 def plot_isolated(rec: RunRecord, path: Path) -> str | None:
     """A grid of isolated examples, bordered green (poisoned) or red (clean)."""
     if not rec.has_array("isolated_images"):
@@ -320,6 +358,7 @@ def plot_isolated(rec: RunRecord, path: Path) -> str | None:
     if images.dtype != np.uint8:
         images = np.clip(images * (255.0 if images.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
     indices = rec.array("isolated_indices") if rec.has_array("isolated_indices") else np.arange(len(images))
+    total = max(len(indices), len(images))  # the run stores pictures of the first few only
     k = min(len(images), MAX_TILES)
     h, w = images.shape[2:]
     scale = max(1, math.ceil(64 / max(h, w)))
@@ -327,13 +366,14 @@ def plot_isolated(rec: RunRecord, path: Path) -> str | None:
     cols = min(8, k)
     rows = math.ceil(k / cols)
     fig = _new_figure(1.15 * cols + 0.2, 1.3 * rows + 0.6)
+    titles = tile_titles(rec, k)
     for i in range(k):
         ax = fig.add_subplot(rows, cols, i + 1)
         rgb = (_POISON_RGB if is_poison[i] else _CLEAN_RGB) if known else _UNKNOWN_RGB
         ax.imshow(_tile(images[i], scale, rgb, border), interpolation="nearest")
-        ax.set_title(f"#{int(indices[i])}", fontsize=7, pad=2)
+        ax.set_title(titles[i], fontsize=6, pad=2)
         ax.set_axis_off()
-    shown = f"first {k} of {len(images)}" if k < len(images) else f"{k}"
+    shown = f"{total} isolated, the first {k} shown" if k < total else f"{total} isolated, all shown"
     if known:
         fig.suptitle(f"{rec.name}: isolated examples ({shown}; {int(is_poison[:k].sum())} poisoned)\n"
                      "green border = poisoned, red = clean", fontsize=9)
@@ -435,7 +475,13 @@ def _run_section(rec: RunRecord, out_dir: Path) -> list[str]:
         lines.append("")
     csv_path = out_dir / f"{stem}-isolated.csv"
     if write_isolated_csv(rec, csv_path):
-        lines += [f"Isolated examples as a table: [{csv_path.name}]({csv_path.name})", ""]
+        n_iso = len(rec.array("isolated_indices")) if rec.has_array("isolated_indices") else None
+        n_img = len(rec.array("isolated_images")) if rec.has_array("isolated_images") else 0
+        count = (f"{n_iso} examples were isolated; the picture shows the first {min(n_img, MAX_TILES)}. "
+                 if n_iso is not None else "")
+        truth = "" if _has_ground_truth(rec) else "No attack was applied, so nothing here is known to be poisoned or clean. "
+        lines += [f"{count}{truth}All isolated examples as a table (index, loss, file): "
+                  f"[{csv_path.name}]({csv_path.name})", ""]
     return lines
 
 

@@ -158,3 +158,44 @@ def test_no_isolated_images_is_a_skip_line(tmp_path):
         run.finish({"final": {"clean_acc": 0.5}}, wall_s=1.0)
     text = write_report(store, [run.run_id], tmp_path / "r").read_text()
     assert "no isolated examples recorded" in text
+
+
+def test_a_run_without_ground_truth_is_reported_as_such(tmp_path):
+    """``attack: null`` (a user's own folder): the isolated pictures carry their file names,
+    the report says how many were isolated and shown, the loss plot compares the isolated
+    examples with the rest instead of calling every example clean, and no NaN is printed."""
+    from abl.report import loss_groups, tile_titles
+
+    store = RunStore(tmp_path / "runs")
+    n, k = 300, 80  # more isolated than the picture grid shows
+    rng = np.random.default_rng(1)
+    isolated = rng.choice(n, k, replace=False)
+    files = np.array([f"train/airplane/scraped_{i:04d}_with_a_long_name.png" for i in isolated], dtype=np.str_)
+    config = {**CONFIG, "attack": None, "dataset": {"name": "imagefolder"}}
+    with store.create_run(config, name="own-folder", seed=0) as run:
+        run.log_epoch({"phase": "isolation", "epoch": 0, "clean_acc": 0.4})
+        run.save_array("example_losses", rng.random((1, n)).astype(np.float32))
+        run.save_array("poison_mask", np.zeros(n, dtype=bool))
+        run.save_array("isolated_indices", isolated.astype(np.int64))
+        run.save_array("isolated_losses", np.sort(rng.random(k)).astype(np.float32))
+        run.save_array("isolated_images", rng.integers(0, 256, size=(64, 3, 8, 8), dtype=np.uint8))
+        run.save_array("isolated_files", files)
+        run.finish({"isolation": {"clean_acc": 0.4, "iso_precision": math.nan, "iso_separation": 7.5},
+                    "final": {"clean_acc": 0.41, "iso_precision": math.nan, "iso_recall": math.nan}}, wall_s=3.0)
+    rec = store.get(run.run_id)
+    labels = [label for _, label, _ in loss_groups(rec, np.zeros(n, dtype=bool))]
+    assert labels == ["isolated (suspicious)", "the rest"]
+    sel = loss_groups(rec, np.zeros(n, dtype=bool))[0][0]
+    assert set(np.flatnonzero(sel)) == set(isolated.tolist())
+    titles = tile_titles(rec, 3)
+    assert titles[0].startswith("scraped_") and "…" in titles[0] and titles[0].endswith(".png")
+    text = write_report(store, [run.run_id], tmp_path / "report").read_text()
+    assert "80 examples were isolated; the picture shows the first 64" in text
+    assert "nothing here is known to be poisoned or clean" in text
+    assert "nan" not in text.lower().replace("nance", "")
+    phase_header = next(line for line in text.splitlines() if line.startswith("| phase |"))
+    assert "Isolation precision" not in phase_header and "Isolation separation" in phase_header, \
+        "an all-NaN metric column is left out of the per-phase table"
+    # with a known attack the plot keeps poisoned vs clean
+    known = store.get(_abl_run(store, rng))
+    assert [label for _, label, _ in loss_groups(known, known.array("poison_mask"))] == ["poisoned", "clean"]
