@@ -427,6 +427,12 @@ def _evidence_note(rec: RunRecord) -> list[str]:
             f"of the {which} with their training labels. If they carry a backdoor, it is still there.",
             "",
         ]
+    if 0 < unl.get("iso_heldout_count", 10) < 10:
+        lines += [
+            f"> The held-out check of unlearning rests on {unl['iso_heldout_count']:.0f} suspects only: "
+            "it can read 0% fitted while the backdoor still works. Isolate more for a firmer check.",
+            "",
+        ]
     if "unlearn_epoch_kept" in unl and unl["unlearn_epoch_kept"] < unl.get("unlearn_epochs_run", 0):
         lines += [
             f"> Unlearning ran {unl['unlearn_epochs_run']:.0f} epochs and kept the model of epoch "

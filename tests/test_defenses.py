@@ -342,3 +342,9 @@ def test_holdout_options_are_validated_and_too_few_suspects_warn(digits):
     with pytest.warns(UserWarning, match="too few to hold"):
         m = abl.run_unlearning(engine, lookup)
     assert "iso_heldout_fit_after" not in m and "unlearn_epoch_kept" not in m
+    # a handful held out: the run says its check is coarse
+    engine = engine_for(digits)
+    abl = DEFENSES.create({"name": "abl", **SHORT["abl"], "unlearning_epochs": 1})
+    with pytest.warns(UserWarning, match=r"rests on 3 suspects only"):
+        result = abl.run(engine)
+    assert result.metrics["unlearning"]["iso_heldout_count"] == 3

@@ -181,6 +181,7 @@ def test_a_run_without_ground_truth_is_reported_as_such(tmp_path):
         run.save_array("isolated_images", rng.integers(0, 256, size=(64, 3, 8, 8), dtype=np.uint8))
         run.save_array("isolated_files", files)
         run.finish({"isolation": {"clean_acc": 0.4, "iso_precision": math.nan, "iso_separation": 7.5},
+                    "unlearning": {"clean_acc": 0.41, "iso_heldout_count": 4.0, "iso_heldout_fit_after": 0.0},
                     "final": {"clean_acc": 0.41, "iso_precision": math.nan, "iso_recall": math.nan}}, wall_s=3.0)
     rec = store.get(run.run_id)
     labels = [label for _, label, _ in loss_groups(rec, np.zeros(n, dtype=bool))]
@@ -192,6 +193,7 @@ def test_a_run_without_ground_truth_is_reported_as_such(tmp_path):
     text = write_report(store, [run.run_id], tmp_path / "report").read_text()
     assert "80 examples were isolated; the picture shows the first 64" in text
     assert "nothing here is known to be poisoned or clean" in text
+    assert "rests on 4 suspects only" in text
     assert "nan" not in text.lower().replace("nance", "")
     phase_header = next(line for line in text.splitlines() if line.startswith("| phase |"))
     assert "Isolation precision" not in phase_header and "Isolation separation" in phase_header, \

@@ -177,6 +177,9 @@ def ascent_objective(ceiling: float | None = None) -> Objective:
     return objective
 
 
+#: below this many held-out suspects the unlearning check is coarse, and the run says so
+MIN_FIRM_HOLDOUT = 10
+
 ISOLATION_LOSSES = {"lga": lga_objective, "lga_batch": lga_batch_objective, "flooding": flooding_objective}
 
 
@@ -446,6 +449,13 @@ class ABL(Defense):
             warnings.warn(
                 f"ABL: {len(isolated)} isolated examples are too few to hold "
                 f"{self.unlearning_holdout:.0%} out; unlearning all of them and keeping the last epoch",
+                stacklevel=2,
+            )
+        elif 0 < len(held) < MIN_FIRM_HOLDOUT:
+            warnings.warn(
+                f"ABL: the held-out check of unlearning rests on {len(held)} suspects only; with so few "
+                "it can read 0% fitted while the backdoor still works (measured: 4 suspects, sticker ASR "
+                "49%). Raise isolation_rate or unlearning_holdout for a firmer check.",
                 stacklevel=2,
             )
         unlearn_lookup = torch.zeros_like(lookup)
