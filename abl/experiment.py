@@ -187,6 +187,10 @@ def check_runs_dir(runs_dir: str | Path) -> None:
         raise ConfigError(f"runs folder '{root}' cannot be made: '{existing}' is a file, not a folder; {how}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"runs folder '{root}' cannot be written: no write permission in '{existing}'; {how}")
+    index = root / "index.sqlite"
+    if index.exists() and not index.is_file():
+        raise ConfigError(f"runs folder '{root}': its index '{index}' is not a file; move it away (abl rebuilds "
+                          "the index from the run folders)")
 
 
 def check_model_input(model_cfg: Any, image_size: int, num_classes: int = 2) -> None:

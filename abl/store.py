@@ -483,6 +483,7 @@ class RunStore:
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"results root '{self.root}' is a file, not a folder: pick another path")
         self.root.mkdir(parents=True, exist_ok=True)
+        self._check_index_path()  # before a run folder exists that no index could list
         started = _now()
         for _ in range(100):
             run_id = f"{started:%Y%m%d-%H%M%S}-{_slug(name)}-{secrets.token_hex(2)}"
@@ -602,6 +603,14 @@ class RunStore:
     def _check_root(self) -> None:
         if not self.root.is_dir():
             raise StoreError(f"no results store at '{self.root}': run an experiment first or point to the right folder")
+        self._check_index_path()
+
+    def _check_index_path(self) -> None:
+        if self.index_path.exists() and not self.index_path.is_file():
+            raise StoreError(
+                f"the results index '{self.index_path}' is not a file: move it away; abl rebuilds the "
+                "index from the run folders"
+            )
 
     def _folder_ids(self) -> set[str]:
         return {p.name for p in self.root.iterdir()
@@ -612,6 +621,7 @@ class RunStore:
         return f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
     def _connect(self) -> sqlite3.Connection:
+        self._check_index_path()
         return sqlite3.connect(str(self.index_path), timeout=_SQLITE_TIMEOUT_S)
 
     def _locked(self, exc: sqlite3.Error) -> StoreError | None:

@@ -270,3 +270,22 @@ def test_planted_run_id_in_meta_json_steers_no_path(tmp_path):
     assert rec.path == planted.path and "../../../outside" in rec.meta["message"]
     out = write_report(store, sorted(ids), tmp_path / "report")
     assert out.is_file() and not (tmp_path / "outside").exists()
+
+
+def test_index_that_is_a_directory_is_a_clean_error(tmp_path):
+    from abl.cli import main
+    from abl.experiment import check_runs_dir
+    from abl.errors import ConfigError
+
+    store = RunStore(tmp_path / "runs")
+    _finished_run(store)
+    store.index_path.unlink()
+    store.index_path.mkdir()
+    with pytest.raises(StoreError, match="index.sqlite' is not a file: move it away"):
+        store.list_runs()
+    with pytest.raises(StoreError, match="is not a file"):
+        store.create_run(CONFIG, name="x", seed=0)
+    assert len([p for p in store.root.iterdir() if (p / "meta.json").exists()]) == 1, "no run folder was made"
+    with pytest.raises(ConfigError, match="index.sqlite' is not a file"):
+        check_runs_dir(store.root)
+    assert main(["report", "--runs-dir", str(store.root)]) == 2
