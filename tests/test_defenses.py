@@ -348,3 +348,30 @@ def test_holdout_options_are_validated_and_too_few_suspects_warn(digits):
     with pytest.warns(UserWarning, match=r"rests on 3 suspects only"):
         result = abl.run(engine)
     assert result.metrics["unlearning"]["iso_heldout_count"] == 3
+
+
+@pytest.mark.parametrize("ceiling", [None, 4.0])
+@pytest.mark.parametrize("which", ["mixed", "all_clean", "all_isolated"])
+def test_gga_objective_is_clean_mean_minus_capped_isolated_mean(ceiling, which):
+    from abl.defenses.abl import gga_objective
+
+    lookup = torch.tensor([True, False, True, False, False, True])
+    idx = {"mixed": torch.tensor([0, 1, 2, 3, 4, 5, 1]), "all_clean": torch.tensor([1, 3, 4]),
+           "all_isolated": torch.tensor([0, 2, 5])}[which]
+    losses = torch.tensor([0.5, 1.0, 5.0, 2.0, 3.0, 0.1, 1.5][: len(idx)], requires_grad=True)
+    iso = lookup[idx]
+    clean = losses[~iso].mean() if (~iso).any() else 0.0
+    bad = losses[iso]
+    if ceiling is not None:
+        bad = torch.where(bad.detach() < ceiling, bad, torch.zeros_like(bad))
+    expected = clean - (bad.mean() if iso.any() else 0.0)
+    got = gga_objective(lookup, ceiling)(losses, idx)
+    assert float(got) == pytest.approx(float(expected))
+    (g_got,) = torch.autograd.grad(got, losses)
+    losses2 = losses.detach().clone().requires_grad_()
+    iso_f = iso.float()
+    ref = (losses2 * (1 - iso_f)).sum() / max(1.0, float((1 - iso_f).sum()))
+    capped = losses2 if ceiling is None else torch.where(losses2.detach() < ceiling, losses2, torch.zeros_like(losses2))
+    ref = ref - (capped * iso_f).sum() / max(1.0, float(iso_f.sum()))
+    (g_ref,) = torch.autograd.grad(ref, losses2)
+    assert torch.allclose(g_got, g_ref)

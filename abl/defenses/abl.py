@@ -159,11 +159,13 @@ def gga_objective(isolated_lookup: torch.Tensor, ceiling: float | None = None) -
     """Joint GGA: ``mean over D_c of l - mean over D_b of l`` within each paired batch."""
 
     def objective(losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        iso = isolated_lookup[idx]
-        clean = losses[~iso]
-        bad = losses[iso]
-        out = clean.mean() if len(clean) else losses.new_zeros(())
-        return out - _ascent_term(bad, ceiling) if len(bad) else out
+        # masked sums instead of boolean indexing and len(): no host sync per step on a GPU
+        iso = isolated_lookup[idx].to(losses.dtype)
+        n_bad = iso.sum()
+        n_clean = iso.numel() - n_bad
+        clean = (losses * (1 - iso)).sum() / n_clean.clamp_min(1)
+        bad = losses if ceiling is None else torch.where(losses.detach() < ceiling, losses, torch.zeros_like(losses))
+        return clean - (bad * iso).sum() / n_bad.clamp_min(1)
 
     return objective
 
