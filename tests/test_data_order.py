@@ -161,10 +161,11 @@ def test_rewritten_file_with_same_size_and_mtime_is_not_served_stale(tmp_path):
 def test_touched_but_unchanged_files_reuse_the_cache(tmp_path, monkeypatch):
     root = tmp_path / "d"
     for split in ("train", "val"):
-        (root / split / "a").mkdir(parents=True)
-        Image.new("RGB", (8, 8), (1, 2, 3)).save(root / split / "a" / "x.png")
+        for name, colour in (("a", (1, 2, 3)), ("b", (4, 5, 6))):  # two classes: one is refused
+            (root / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8), colour).save(root / split / name / "x.png")
     cdir = tmp_path / "cache"
-    ImageFolder(root=str(root), size=8).load(cache_dir=cdir)
+    ImageFolder(root=str(root), size=8, order_seed=None).load(cache_dir=cdir)
     f = root / "train" / "a" / "x.png"
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # mtime alone changes
 
@@ -172,4 +173,4 @@ def test_touched_but_unchanged_files_reuse_the_cache(tmp_path, monkeypatch):
         raise AssertionError("decoded again although only the mtime changed")
 
     monkeypatch.setattr(imageio, "decode_images", boom)
-    assert ImageFolder(root=str(root), size=8).load(cache_dir=cdir).train.images[0, :, 0, 0].tolist() == [1, 2, 3]
+    assert ImageFolder(root=str(root), size=8, order_seed=None).load(cache_dir=cdir).train.images[0, :, 0, 0].tolist() == [1, 2, 3]

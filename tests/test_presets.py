@@ -36,6 +36,9 @@ PAPER_TABLE = [
     ("unlearning_epochs", 20, "A.3: 'in the last 20 epochs'"),
     ("unlearning_lr", 0.0001, "A.3: 'a learning rate of 0.0001'"),
     ("unlearning_ceiling", None, "Eq. 4 has no bound"),
+    ("unlearning_holdout", 0.0, "A.3: L_GGA 'with the 1% isolated backdoor examples', all of them"),
+    ("unlearning_select", "last", "A.3: the model after 'the last 20 epochs' is the one evaluated"),
+    ("unlearning_patience", 0, "A.3: all 20 unlearning epochs run"),
 ]
 
 OFFICIAL_TABLE = [
@@ -63,6 +66,9 @@ OFFICIAL_TABLE = [
     ("unlearning_bn", "train", "backdoor_unlearning.py train_step_unlearning: model_ascent.train()"),
     ("carry_momentum", True, "backdoor_unlearning.py: one optimizer for fine-tuning and unlearning"),
     ("unlearning_ceiling", None, "backdoor_unlearning.py: unbounded ascent"),
+    ("unlearning_holdout", 0.0, "backdoor_unlearning.py train: ascends on all of isolate_poisoned_data"),
+    ("unlearning_select", "last", "backdoor_unlearning.py train: the model in memory after the last epoch"),
+    ("unlearning_patience", 0, "backdoor_unlearning.py train: for epoch in range(unlearning_epochs), no early stop"),
 ]
 
 
