@@ -114,7 +114,7 @@ def table(rows: list[str], args: argparse.Namespace, total: float) -> str:
         f"slice: {args.train or 'all'} train / {args.test or 'all'} test images, epochs x{args.epochs_scale}")
     head = [
         f"{date.today().isoformat()}, {device_name()}, {scale}; total {total / 60:.1f} min.",
-        f"Command: `python benchmarks/full_scale.py {' '.join(sys.argv[1:])}`",
+        f"Command: `python benchmarks/full_scale.py {' '.join(args.argv)}`",
         "",
         "| run | CA | ASR | isolation precision | isolation separation | CA / ASR after each stage (stage time) | wall (s) |",
         "|---|---|---|---|---|---|---|",
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (they share the GPU)")
     ap.add_argument("--row-json", type=Path, default=None, help=argparse.SUPPRESS)  # a child's rows, for --jobs
     args = ap.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])  # recorded in the table
     if not 0 < args.epochs_scale <= 1:
         ap.error("--epochs-scale must be in (0, 1]")
     if args.jobs < 1:

@@ -41,6 +41,7 @@ def test_four_runs_on_a_cpu_slice(full_scale, cifar10_root, tmp_path):
     assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 4
     for r in rows[1:]:
         assert "iso " in r and "rec " in r and "unl " in r, r  # CA / ASR after every stage
+    assert "Command: `python benchmarks/full_scale.py --root" in text and "--jobs 2" in text
     body = readme.read_text()
     assert "kept text" in body and full_scale.BEGIN in body and "CPU" in body
     # a second run replaces the table instead of appending another
