@@ -19,15 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from abl.engine import Engine  # noqa: E402
-from abl.experiment import build_experiment  # noqa: E402
-from unlearning_study import ATTACKS  # noqa: E402
+from unlearning_study import ATTACKS, isolate_and_recover  # noqa: E402
 
 
 def main() -> None:
@@ -56,23 +52,8 @@ def main() -> None:
         "train": {"progress": False, "eval_every": 1, "eval_subset": 0, "threads": args.threads, "batch_size": args.batch},
         "output": {"cache_dir": str(REPO / ".cache" / "test-cache")},
     }
-    exp = build_experiment(raw)
-    torch.set_num_threads(args.threads)
-    splits = exp.slice.apply(exp.dataset.load(Path(raw["output"]["cache_dir"])))
-    exp.attack.setup(splits.image_size, splits.num_classes)
-    data = exp.attack.poison(splits.train, "cpu")
-    trig = exp.attack.triggered_test(splits.test, "cpu")
-    torch.manual_seed(0)
-    model = exp.model.build(splits.num_classes, splits.image_size)
-    engine = Engine(model, data, splits.test, trig, exp.train, seed=0)
-    abl = exp.defense
-    t0 = time.perf_counter()
-    isolated, _, iso = abl.run_isolation(engine)
-    lookup = torch.zeros(len(data), dtype=torch.bool)
-    lookup[isolated] = True
-    opt, rec = abl.run_recovery(engine, lookup)
-    print(f"{args.attack}: isolation precision {iso['iso_precision']:.3f}; after recovery CA {rec['clean_acc']:.3f} "
-          f"ASR {rec['asr']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    engine, abl, lookup, opt = isolate_and_recover(raw, args.threads, args.attack)
+    model = engine.model
     state = copy.deepcopy(model.state_dict())
     for name, spec in (("last epoch", {"unlearning_select": "last"}), ("default (held-out selection)", {})):
         model.load_state_dict(state)

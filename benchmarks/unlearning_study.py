@@ -34,6 +34,30 @@ ATTACKS = {
 }
 
 
+def isolate_and_recover(raw: dict, threads: int, label: str) -> tuple[Engine, "object", torch.Tensor, torch.optim.Optimizer]:
+    """Build ``raw``'s slice, poison it, run ABL's isolation and recovery once and print
+    their figures: (engine, the ABL defense, the isolated lookup, the recovery optimizer)."""
+    exp = build_experiment(raw)
+    torch.set_num_threads(threads)
+    splits = exp.slice.apply(exp.dataset.load(Path(raw["output"]["cache_dir"])))
+    exp.attack.setup(splits.image_size, splits.num_classes)
+    data = exp.attack.poison(splits.train, "cpu")
+    trig = exp.attack.triggered_test(splits.test, "cpu")
+    torch.manual_seed(0)
+    model = exp.model.build(splits.num_classes, splits.image_size)
+    engine = Engine(model, data, splits.test, trig, exp.train, seed=0)
+    abl = exp.defense
+    t0 = time.perf_counter()
+    isolated, _, iso = abl.run_isolation(engine)
+    lookup = torch.zeros(len(data), dtype=torch.bool)
+    lookup[isolated] = True
+    opt, rec = abl.run_recovery(engine, lookup)
+    print(f"{label}: isolation precision {iso['iso_precision']:.3f} separation {iso['iso_separation']:.1f}; "
+          f"after isolation CA {iso['clean_acc']:.3f} ASR {iso['asr']:.3f}; after recovery CA {rec['clean_acc']:.3f} "
+          f"ASR {rec['asr']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return engine, abl, lookup, opt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attack", default="badnets", choices=sorted(ATTACKS))
@@ -61,24 +85,8 @@ def main() -> None:
         "train": {"progress": False, "eval_every": 1, "eval_subset": 1000, "threads": args.threads, "batch_size": args.batch},
         "output": {"cache_dir": str(REPO / ".cache" / "test-cache")},
     }
-    exp = build_experiment(raw)
-    torch.set_num_threads(args.threads)
-    splits = exp.slice.apply(exp.dataset.load(Path(raw["output"]["cache_dir"])))
-    exp.attack.setup(splits.image_size, splits.num_classes)
-    data = exp.attack.poison(splits.train, "cpu")
-    trig = exp.attack.triggered_test(splits.test, "cpu")
-    torch.manual_seed(0)
-    model = exp.model.build(splits.num_classes, splits.image_size)
-    engine = Engine(model, data, splits.test, trig, exp.train, seed=0)
-    abl = exp.defense
-    t0 = time.perf_counter()
-    isolated, _, iso = abl.run_isolation(engine)
-    lookup = torch.zeros(len(data), dtype=torch.bool)
-    lookup[isolated] = True
-    opt, rec = abl.run_recovery(engine, lookup)
-    print(f"{args.attack}: isolation precision {iso['iso_precision']:.3f} separation {iso['iso_separation']:.1f}; "
-          f"after isolation CA {iso['clean_acc']:.3f} ASR {iso['asr']:.3f}; after recovery CA {rec['clean_acc']:.3f} "
-          f"ASR {rec['asr']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    engine, abl, lookup, opt = isolate_and_recover(raw, args.threads, args.attack)
+    model = engine.model
     state = copy.deepcopy(model.state_dict())
     opt_state = copy.deepcopy(opt.state_dict())
     def v(u: str, lr: float, ceiling: float | None, bn: str, epoch: str, epochs: int) -> dict:
