@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from abl.errors import AblError
+
+
+@contextlib.contextmanager
+def _resume_hint(runs_dir: Path):
+    """On Ctrl-C or SIGTERM, say how to continue the run this process was training."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from abl.store import INTERRUPTED, RunStore
+
+        try:
+            mine = [r for r in RunStore(runs_dir).list_runs(status=INTERRUPTED) if r.meta.get("pid") == os.getpid()]
+        except AblError:
+            mine = []
+        for rec in mine:
+            print(f"abl: run {rec.run_id} stopped; continue it with: abl resume {rec.run_id} --runs-dir {runs_dir}",
+                  file=sys.stderr)
+        raise
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -18,7 +38,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     exp = load_experiment(args.config, args.set)
     if args.runs_dir:
         exp.output.runs_dir = args.runs_dir
-    record = run_experiment(exp)
+    with _resume_hint(Path(exp.output.runs_dir)):
+        record = run_experiment(exp)
+    print(runs_table([record]))
+    print(f"run {record.run_id} finished: {record.path}")
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from abl.experiment import resume_experiment
+    from abl.report import runs_table
+    from abl.store import RunStore
+
+    root = Path(args.runs_dir)
+    if not root.is_dir():
+        raise AblError(f"runs folder '{root}' does not exist; pass the --runs-dir the run was started with")
+    with _resume_hint(root):
+        record = resume_experiment(args.run, RunStore(root))
     print(runs_table([record]))
     print(f"run {record.run_id} finished: {record.path}")
     return 0
@@ -89,6 +125,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"no runs in '{root}'")
         return 0
     print(runs_table(records))
+    for rec in records:
+        if rec.status == "interrupted":
+            print(f"run {rec.run_id} was interrupted; continue it with: abl resume {rec.run_id} --runs-dir {root}")
     if args.out:
         path = write_report(store, [r.run_id for r in records], Path(args.out))
         print(f"report: {path}")
@@ -107,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (dotted key), repeatable")
     p.add_argument("--runs-dir", help="results folder (default: the config's output.runs_dir)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("run", help="the run id (or a unique prefix) shown by `abl report`")
+    p.add_argument("--runs-dir", default="runs", help="results folder (default: runs)")
+    p.set_defaults(func=_cmd_resume)
 
     p = sub.add_parser("demo", help="BadNets on the bundled digits, without defense and with ABL (no downloads)")
     p.add_argument("--out", default="abl-demo", help="folder for the runs and the report (default: abl-demo)")
@@ -139,13 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
+        return code
     except AblError as exc:
         print(f"abl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("abl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `abl list | head`: the reader left; say nothing more (and not at exit either)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -13,14 +13,16 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from abl.checkpoint import load_optimizer_state, optimizer_state
 from abl.config import check
 from abl.data.loader import AugmentConfig, TensorLoader, to_float
 from abl.data.types import ImageSplit, PoisonedSet, TriggeredTestSet
-from abl.errors import ConfigError, DivergenceError
+from abl.errors import ConfigError, DivergenceError, StoreError
 from abl.metrics import evaluate
 
 #: objective(per_example_losses, indices) -> scalar loss to minimise
@@ -49,6 +51,11 @@ class TrainConfig:
         eval_subset: test images used by the cheap per-epoch evaluation (0: all).
         progress: show a progress bar.
         threads: CPU threads for torch (0: torch's default).
+        checkpoint: write a checkpoint into the run folder so that ``abl resume`` can
+            continue the run after a crash or a kill (removed when the run finishes).
+        checkpoint_every_s: at most one checkpoint per this many seconds, always one at the
+            end of each phase (0: after every epoch). A run loses at most this much work
+            plus one epoch.
     """
 
     batch_size: int = 128
@@ -64,6 +71,8 @@ class TrainConfig:
     eval_subset: int = 2000
     progress: bool = True
     threads: int = 0
+    checkpoint: bool = True
+    checkpoint_every_s: float = 60.0
 
     def validate(self) -> None:
         check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -74,6 +83,7 @@ class TrainConfig:
         check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         check(self.eval_subset >= 0, "train.eval_subset", "must be >= 0")
         check(self.threads >= 0, "train.threads", "must be >= 0")
+        check(self.checkpoint_every_s >= 0, "train.checkpoint_every_s", "must be >= 0 (0: after every epoch)")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -126,6 +136,15 @@ class Engine:
         self.history: list[dict] = []
         self.example_losses: list[torch.Tensor] = []  # one (N,) CPU tensor per epoch, NaN = not trained
         self._phase_count = 0
+        #: what a defense must carry across an interruption that the history and the loss
+        #: record do not hold (e.g. ABL's ranking passes, its best unlearning epoch); saved
+        #: with every checkpoint, so values must be tensors, numbers, strings, lists or dicts
+        self.state: dict[str, Any] = {}
+        self._phases: list[str] = []  # names of the phases started, in order
+        self._phase_ends: list[int] = []  # len(history) at the end of each finished phase
+        self._write_checkpoint: Callable[[dict], None] | None = None
+        self._last_checkpoint = time.monotonic()
+        self._resume: dict | None = None
         gen = torch.Generator().manual_seed(seed)
         self._eval_index = self._subset_index(len(self.test), gen)
         self._eval_trig_index = self._subset_index(len(self.triggered), gen) if self.triggered is not None else None
@@ -135,6 +154,92 @@ class Engine:
         if k == 0 or k >= n:
             return None
         return torch.randperm(n, generator=gen)[:k].to(self.device)
+
+    # -- checkpoints -----------------------------------------------------------------
+    def enable_checkpoints(self, write: Callable[[dict], None]) -> None:
+        """Call ``write(state)`` after an epoch when a checkpoint is due (see
+        ``TrainConfig.checkpoint_every_s``) and at the end of every phase."""
+        self._write_checkpoint = write
+
+    def resume_from(self, ck: dict) -> None:
+        """Continue from checkpoint ``ck`` (what ``write`` was given, read back).
+
+        The defense then runs from its start as usual: every phase the checkpoint had
+        finished is skipped (its history and loss record restored, nothing trained), and
+        the phase it stopped in continues after its last complete epoch with the model,
+        optimizer, loader and RNG states as they were.
+        """
+        if ck.get("n_examples") != len(self.data):
+            raise StoreError(
+                f"the checkpoint was written for {ck.get('n_examples')} training examples, this run has "
+                f"{len(self.data)}: the data changed since the run started; start it again with `abl run`"
+            )
+        self._resume = ck
+        self._phases = list(ck["phases"])
+        self.state = _to_device(ck["defense_state"], self.device)
+
+    def _restore_records(self, ck: dict, n: int) -> None:
+        self.history = [dict(r) for r in ck["history"][:n]]
+        losses = ck["example_losses"]
+        self.example_losses = list(losses[:n].unbind(0)) if n else []
+        self.epoch = n
+
+    def _catch_up(self, ck: dict, opt: torch.optim.Optimizer, loader: TensorLoader | None) -> None:
+        """Put the model, optimizer, loader and RNGs where the checkpoint left them."""
+        self.model.load_state_dict(ck["model"])
+        load_optimizer_state(opt, ck["optimizer"])
+        if loader is not None:
+            loader.load_state_dict(ck["loader"])
+        torch.set_rng_state(ck["rng"]["cpu"].cpu())
+        if self.device.type == "cuda" and ck["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all([t.cpu() for t in ck["rng"]["cuda"]])
+        self._resume = None
+
+    def _checkpoint_state(
+        self, ordinal: int, e: int, done: bool, opt: torch.optim.Optimizer, loader: TensorLoader
+    ) -> dict:
+        return {
+            "n_examples": len(self.data),
+            "phases": list(self._phases),
+            "phase_ordinal": ordinal,
+            "phase_epoch": e,
+            "phase_done": done,
+            "phase_ends": self._phase_ends + ([len(self.history)] if done else []),
+            "history": self.history,
+            "example_losses": self.loss_matrix(),
+            "model": self.model.state_dict(),
+            "optimizer": optimizer_state(opt),
+            "loader": loader.state_dict(),
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            },
+            "defense_state": self.state,
+        }
+
+    def _resume_phase(self, ordinal: int, phase: str, opt: torch.optim.Optimizer, loader: TensorLoader) -> int | None:
+        """While resuming: the epoch to start phase ``ordinal`` at, or None if it had
+        finished before the interruption (then nothing is trained)."""
+        ck = self._resume
+        assert ck is not None
+        started = ck["phases"]
+        if ordinal > len(started) or started[ordinal - 1] != phase:
+            raise StoreError(
+                f"the checkpoint does not match this run: its phase {ordinal} is "
+                f"{started[ordinal - 1] if ordinal <= len(started) else 'missing'!r}, the defense runs {phase!r}; "
+                "the code or config changed since it was written: start the run again with `abl run`"
+            )
+        last = ck["phase_ordinal"]
+        if ordinal < last or (ordinal == last and ck["phase_done"]):
+            self._restore_records(ck, ck["phase_ends"][ordinal - 1])
+            self._phase_ends = list(ck["phase_ends"][:ordinal])
+            if ordinal == last:  # the optimizer may be carried into the next phase
+                self._catch_up(ck, opt, None)
+            return None
+        self._restore_records(ck, len(ck["history"]))
+        self._phase_ends = list(ck["phase_ends"])
+        self._catch_up(ck, opt, loader)
+        return int(ck["phase_epoch"]) + 1
 
     # -- building blocks -------------------------------------------------------------
     def optimizer(self, lr: float, nesterov: bool | None = None) -> torch.optim.SGD:
@@ -245,6 +350,9 @@ class Engine:
         """
         opt = optimizer if optimizer is not None else self.optimizer(lr, nesterov)
         self._phase_count += 1
+        ordinal = self._phase_count
+        if len(self._phases) < ordinal:
+            self._phases.append(phase)
         loader = TensorLoader(
             self.data.images,
             self.data.labels,
@@ -256,8 +364,14 @@ class Engine:
             paired=paired,
             paired_batch_size=paired_batch_size,
         )
+        start = 0
+        if self._resume is not None:
+            resumed = self._resume_phase(ordinal, phase, opt, loader)
+            if resumed is None:
+                return opt
+            start = resumed
         n = len(self.data)
-        bar = progress_bar(range(epochs), phase, self.cfg.progress)
+        bar = progress_bar(range(start, epochs), phase, self.cfg.progress)
         self._train_mode(freeze_bn)
         for e in bar:
             current_lr = step_lr(lr, e, milestones, lr_factor)
@@ -289,8 +403,14 @@ class Engine:
                 self.on_epoch(record)
             self._train_mode(freeze_bn)  # evaluation and ranking passes switch to eval mode
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "clean_acc", "asr")})
+            done = stop or e == epochs - 1
+            due = time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_every_s
+            if self._write_checkpoint is not None and (done or due):
+                self._write_checkpoint(self._checkpoint_state(ordinal, e, done, opt, loader))
+                self._last_checkpoint = time.monotonic()
             if stop:
                 break
+        self._phase_ends.append(len(self.history))
         self._train_mode(False)
         return opt
 
@@ -333,6 +453,16 @@ class Engine:
         if not self.example_losses:
             return torch.empty(0, len(self.data))
         return torch.stack(self.example_losses)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value
 
 
 def progress_bar(it: range, desc: str, enabled: bool | None):

@@ -242,21 +242,24 @@ def check_classes(splits: DatasetSplits) -> None:
         )
 
 
-def run_experiment(
-    exp: Experiment,
-    store: RunStore | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
-) -> RunRecord:
-    """Load, poison once, train with the defense, and record everything in the store.
+@dataclass
+class _Prepared:
+    """What a run trains on: built once per process, identical for a resumed run."""
 
-    A run that raises (bad data, divergence, Ctrl-C) is marked failed, never finished.
-    """
-    store = store or RunStore(exp.output.runs_dir)
-    if exp.train.threads:
-        torch.set_num_threads(exp.train.threads)
+    splits: DatasetSplits
+    data: PoisonedSet
+    triggered: Any
+    attack_metrics: dict[str, float]
+    model: torch.nn.Module
+    device: torch.device
+
+
+def _prepare(exp: Experiment, store: RunStore, threads: int | None = None) -> _Prepared:
+    """Preflight, load, poison once and build the model (seeded)."""
+    if threads or exp.train.threads:
+        torch.set_num_threads(int(threads or exp.train.threads))
     device = exp.train.resolve_device()
     checked_size = preflight(exp, store.root)  # fail in seconds, not after loading the data
-    t_start = time.perf_counter()
     splits = exp.slice.apply(exp.dataset.load(Path(exp.output.cache_dir) if exp.output.cache_dir else None))
     check_classes(splits)
     n_classes, size = splits.num_classes, splits.image_size
@@ -277,18 +280,85 @@ def run_experiment(
         data = PoisonedSet(
             splits.train.images.to(device), labels, labels.clone(), torch.zeros(len(labels), dtype=torch.bool, device=device)
         )
-
     torch.manual_seed(exp.seed)
     model = exp.model.build(n_classes, size)
+    return _Prepared(splits, data, triggered, attack_metrics, model, device)
+
+
+def run_experiment(
+    exp: Experiment,
+    store: RunStore | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> RunRecord:
+    """Load, poison once, train with the defense, and record everything in the store.
+
+    A run that raises (bad data, divergence) is marked failed, never finished; one stopped
+    by Ctrl-C or SIGTERM is marked interrupted and can be continued with
+    :func:`resume_experiment` from its last checkpoint.
+    """
+    store = store or RunStore(exp.output.runs_dir)
+    t_start = time.perf_counter()
+    prep = _prepare(exp, store)
     resolved = exp.resolved()
-    resolved["device"] = str(device)
+    resolved["device"] = str(prep.device)
     resolved["threads_used"] = torch.get_num_threads()
     writer = store.create_run(resolved, name=exp.name, seed=exp.seed)
+    return _execute(exp, store, writer, prep, on_epoch, t_start=t_start)
+
+
+#: keys that ``run_experiment`` adds to the resolved config it records (not config keys)
+_RECORDED_EXTRA = ("device", "threads_used")
+
+
+def resume_experiment(
+    run_id: str, store: RunStore, on_epoch: Callable[[dict], None] | None = None
+) -> RunRecord:
+    """Continue an interrupted run from its last checkpoint (``abl resume``).
+
+    The run's recorded config is validated and built again, the data loaded and poisoned
+    again (seeded, so identically), and the defense continues after the last complete
+    epoch: on a CPU with the same thread count it ends with the metrics an uninterrupted
+    run would have. A run interrupted before its first checkpoint starts over in its folder.
+    """
+    from abl import checkpoint
+
+    rec = store.get(run_id)
+    store.check_resumable(rec)
+    raw = {k: v for k, v in rec.config.items() if k not in _RECORDED_EXTRA}
+    exp = build_experiment(raw)
+    t_start = time.perf_counter()
+    recorded_threads = rec.config.get("threads_used")
+    # the thread count changes float summation order: keep the one the run started with
+    prep = _prepare(exp, store, threads=recorded_threads if isinstance(recorded_threads, int) else None)
+    ck_path = rec.path / checkpoint.FILE_NAME
+    ck = checkpoint.load(ck_path) if ck_path.exists() else None
+    writer = store.reopen_run(rec.run_id, history=ck["history"] if ck is not None else [])
+    return _execute(exp, store, writer, prep, on_epoch, t_start=t_start, resume=ck)
+
+
+def _execute(
+    exp: Experiment,
+    store: RunStore,
+    writer: Any,
+    prep: _Prepared,
+    on_epoch: Callable[[dict], None] | None,
+    *,
+    t_start: float,
+    resume: dict | None = None,
+) -> RunRecord:
+    from abl import checkpoint
+
+    data, splits, device, model = prep.data, prep.splits, prep.device, prep.model
+    elapsed_before = float(resume.get("elapsed_s", 0.0)) if resume is not None else 0.0
 
     def log(record: dict) -> None:
         writer.log_epoch(record)
         if on_epoch is not None:
             on_epoch(record)
+
+    def save_checkpoint(state: dict) -> None:
+        state["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+        writer.save_checkpoint(lambda path: checkpoint.save(path, state))
 
     with writer:
         mask = data.poison_mask.cpu()
@@ -298,7 +368,11 @@ def run_experiment(
             writer.save_array("train_order", splits.train_order.numpy())
         if exp.attack is not None and exp.attack.artefacts():
             writer.save_tensors("trigger", {k: v.contiguous() for k, v in exp.attack.artefacts().items()})
-        engine = Engine(model, data, splits.test, triggered, exp.train, seed=exp.seed, on_epoch=log)
+        engine = Engine(model, data, splits.test, prep.triggered, exp.train, seed=exp.seed, on_epoch=log)
+        if exp.train.checkpoint:
+            engine.enable_checkpoints(save_checkpoint)
+        if resume is not None:
+            engine.resume_from(resume)
         result = exp.defense.run(engine)
         writer.save_array("example_losses", engine.loss_matrix().numpy().astype(np.float32))
         if result.isolated is not None:
@@ -312,6 +386,7 @@ def run_experiment(
                 writer.save_array("isolated_files", np.array([splits.train_files[i] for i in iso.tolist()], dtype=np.str_))
         if exp.output.save_model:
             writer.save_tensors("model", {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+        attack_metrics = prep.attack_metrics
         metrics = {"attack": attack_metrics, **result.metrics} if attack_metrics else result.metrics
-        writer.finish(metrics, wall_s=time.perf_counter() - t_start)
+        writer.finish(metrics, wall_s=elapsed_before + time.perf_counter() - t_start)
     return store.get(writer.run_id)

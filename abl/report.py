@@ -467,7 +467,8 @@ def _run_section(rec: RunRecord, out_dir: Path) -> list[str]:
         lines += _evidence_note(rec)
     else:
         lines += ["", f"This run is **{rec.status}**: it has no final metrics. "
-                      "Figures below, if any, show what it recorded before it stopped.", ""]
+                      "Figures below, if any, show what it recorded before it stopped."
+                      + (f" Continue it with `abl resume {rec.run_id}`." if rec.status == "interrupted" else ""), ""]
 
     stem = rec.run_id
     for title, suffix, plot in (("Per-example loss", "loss", plot_losses),

@@ -511,6 +511,45 @@ class RunStore:
         self._index_put(_record_from_folder(folder))
         return writer
 
+    def check_resumable(self, rec: RunRecord) -> None:
+        """Raise StoreError unless ``rec`` is an interrupted run (the only kind that resumes)."""
+        if rec.status == INTERRUPTED:
+            return
+        if rec.status == FINISHED:
+            raise StoreError(f"run {rec.run_id} is already finished; nothing to resume")
+        if rec.status == RUNNING:
+            meta = rec.meta
+            raise StoreError(
+                f"run {rec.run_id} is still running (pid {meta.get('pid')} on {meta.get('hostname')}); "
+                "stop it first (kill PID sends SIGTERM, which records it interrupted), then resume it"
+            )
+        raise StoreError(
+            f"run {rec.run_id} failed ({rec.message}); only interrupted runs resume, since a failure would "
+            "repeat: fix its cause and start it again with `abl run`"
+        )
+
+    def reopen_run(self, run_id: str, *, history: list[Mapping[str, Any]]) -> "RunWriter":
+        """Mark an interrupted run running again in this process, with ``history`` (the
+        checkpoint's epochs) as its history: epochs logged after the checkpoint are dropped,
+        since the resumed run trains them again."""
+        rec = self.get(run_id)
+        self.check_resumable(rec)
+        folder = rec.path
+        meta = dict(rec.meta)
+        resumes = list(meta.get("resumed") or [])
+        resumes.append(_iso(_now()))
+        meta.update(
+            status=RUNNING, finished=None, wall_s=None, message=None, pid=os.getpid(),
+            hostname=socket.gethostname(), resumed=resumes, run_id=folder.name,
+        )
+        lines = "".join(json.dumps(_json_safe(dict(r)), allow_nan=False) + "\n" for r in history)
+        _atomic_write_text(folder / "history.jsonl", lines)
+        (folder / HEARTBEAT).touch()
+        _atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2, allow_nan=False))
+        writer = RunWriter(self, folder, meta)
+        self._index_put(_record_from_folder(folder))
+        return writer
+
     # -- reading
 
     def list_runs(self, status: str | None = None) -> list[RunRecord]:
@@ -758,6 +797,19 @@ class RunWriter:
         data = save(plain)
         _atomic_write_bytes(self.path / f"{name}.safetensors", lambda f: f.write(data))
 
+    def save_checkpoint(self, write) -> None:
+        """Write the run's checkpoint with ``write(path)`` (atomically: see ``abl.checkpoint``)."""
+        from abl.checkpoint import FILE_NAME
+
+        self._check_open("save a checkpoint")
+        write(self.path / FILE_NAME)
+        (self.path / HEARTBEAT).touch()
+
+    def _drop_checkpoint(self) -> None:
+        from abl.checkpoint import FILE_NAME
+
+        (self.path / FILE_NAME).unlink(missing_ok=True)
+
     def finish(self, metrics: Mapping[str, Mapping[str, Any]], *, wall_s: float) -> None:
         """Record the metrics per phase and mark the run finished (metrics.json, then meta)."""
         self._check_open("finish")
@@ -767,11 +819,13 @@ class RunWriter:
             raise ValueError(f"wall_s must be a finite number of seconds >= 0, got {wall_s!r}")
         _atomic_write_text(self.path / "metrics.json", json.dumps(_json_safe(clean), indent=2, allow_nan=False))
         self._close(FINISHED, wall_s=float(wall_s), message=None)
+        self._drop_checkpoint()  # a finished run never resumes
 
     def fail(self, message: str) -> None:
         """Mark the run failed, keeping ``message``; no metrics are recorded."""
         self._check_open("fail")
         self._close(FAILED, wall_s=time.monotonic() - self._t0, message=str(message))
+        self._drop_checkpoint()  # a failed run does not resume (its failure would repeat)
 
     def interrupt(self, message: str = "interrupted (Ctrl-C or SIGTERM)") -> None:
         """Mark the run interrupted: stopped from outside, not failed by its own error."""

@@ -234,3 +234,17 @@ def test_own_images_without_attack_lists_isolated_files(tmp_path, capsys):
     csv_text = next((tmp_path / "rep").glob("*-isolated.csv")).read_text().splitlines()
     assert csv_text[0] == "index,loss,is_poison,file"
     assert csv_text[1].split(",")[2] == "" and csv_text[1].split(",")[3].startswith("train/")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`abl list | head`: the reader has left before abl writes; no BrokenPipe traceback."""
+    code = "import sys; from abl.cli import main; sys.exit(main(sys.argv[1:]))"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        out = subprocess.run([sys.executable, "-c", code, "list", "attack", "badnets"], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141, out.stderr
+    assert out.stderr == "", out.stderr

@@ -55,6 +55,7 @@ def test_sigterm_marks_the_run_interrupted(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (out, err)
     assert err.strip().splitlines()[-1] == "abl: interrupted"
+    assert f"continue it with: abl resume {folder.name} --runs-dir" in err, err
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["status"] == "interrupted" and meta["pid"] == proc.pid
     assert not (folder / "metrics.json").exists(), "nothing half-written is presented as a result"

@@ -132,6 +132,21 @@ class TensorLoader:
         self._paired_order: torch.Tensor | None = None
         self._paired_pos = 0
 
+    def state_dict(self) -> dict:
+        """Where the loader's randomness stands between epochs: its generator and the
+        paired stream's cycle (a resumed run draws the same batches from here on)."""
+        return {
+            "generator": self.generator.get_state(),
+            "paired_order": self._paired_order,
+            "paired_pos": self._paired_pos,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"].cpu())
+        order = state.get("paired_order")
+        self._paired_order = order.to(self.device) if order is not None else None
+        self._paired_pos = int(state.get("paired_pos", 0))
+
     def __len__(self) -> int:
         n = len(self.index)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)

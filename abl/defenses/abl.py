@@ -363,7 +363,8 @@ class ABL(Defense):
         """Stage 1: train with the isolation loss, rank, isolate. Returns the isolated
         indices (most suspicious first), their scores and the stage's metrics."""
         t0 = time.perf_counter()
-        evals: list[torch.Tensor] = []
+        # in the engine's state: a resumed run needs the ranking passes made before the stop
+        evals: list[torch.Tensor] = engine.state.setdefault("isolation_evals", [])
         k = self._rank_count()
         first_rank = int(self.isolation_epochs) - k  # type: ignore[arg-type]
 
@@ -471,17 +472,22 @@ class ABL(Defense):
             correct, losses = engine.train_fit(held)
             return float(correct.float().mean()), float(losses.clamp_max(cap).mean())
 
-        fit_before = engine.train_accuracy(unlearned)
-        held_before = held_score()[0] if len(held) else None
+        # measured on the recovered model, and kept in the engine's state with the best epoch
+        # so far: a run resumed mid-unlearning cannot measure them again
+        saved = engine.state.setdefault("unlearning", {})
+        if "fit_before" not in saved:
+            saved["fit_before"] = engine.train_accuracy(unlearned)
+            saved["held_before"] = held_score()[0] if len(held) else None
+        fit_before, held_before = saved["fit_before"], saved["held_before"]
         select = self.unlearning_select == "heldout" and len(held) > 0
-        best: dict = {"key": None, "epoch": 0, "state": None, "fit": None}
+        best: dict = saved.setdefault("best", {"key": None, "epoch": 0, "state": None, "fit": None})
 
         def watch(e: int) -> bool:
             fit, loss = held_score()
             engine.history[-1].update(heldout_fit=fit, heldout_loss=loss)  # the per-epoch curve
             if not select:
                 return False
-            key = (fit, -loss)
+            key = [fit, -loss]
             if best["key"] is None or key < best["key"]:
                 best.update(key=key, epoch=e, fit=fit, state={k: v.detach().clone() for k, v in engine.model.state_dict().items()})
             return bool(self.unlearning_patience) and e - best["epoch"] >= int(self.unlearning_patience)  # type: ignore[arg-type]
