@@ -484,7 +484,8 @@ class ABL(Defense):
 
         def watch(e: int) -> bool:
             fit, loss = held_score()
-            engine.history[-1].update(heldout_fit=fit, heldout_loss=loss)  # the per-epoch curve
+            # the per-epoch curves: held-out suspects, and the unlearned ones for comparison
+            engine.history[-1].update(heldout_fit=fit, heldout_loss=loss, unlearned_fit=engine.train_accuracy(unlearned))
             if not select:
                 return False
             key = [fit, -loss]
