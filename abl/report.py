@@ -243,6 +243,8 @@ def plot_losses(rec: RunRecord, path: Path) -> str | None:
     if losses.ndim != 2 or mask.shape != (losses.shape[1],):
         return (f"per-example losses have shape {losses.shape} but the poison mask {mask.shape}: "
                 "expected (epochs, N) and (N,)")
+    if losses.shape[0] == 0:
+        return "no epoch was trained in this run (its model came from the stage cache)"
     losses = np.clip(losses, 1e-6, None)  # log scale: zero losses sit at the floor
     x = np.arange(1, losses.shape[0] + 1)
     spans = _phase_spans(_epochs(rec.history()))
@@ -348,6 +350,8 @@ def plot_isolated(rec: RunRecord, path: Path) -> str | None:
     # Without a known attack there is no ground truth: grey borders, no poison count.
     known = rec.has_array("isolated_is_poison")
     is_poison = rec.array("isolated_is_poison").astype(bool) if known else np.zeros(len(images), dtype=bool)
+    # flags cover every isolated example, pictures only the first few (PREVIEW of them)
+    is_poison = is_poison[: len(images)] if is_poison.ndim == 1 and len(is_poison) > len(images) else is_poison
     if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.transpose(0, 3, 1, 2)  # tolerate channels-last
     if images.ndim != 4 or images.shape[1] not in (1, 3) or is_poison.shape != (images.shape[0],):

@@ -201,3 +201,18 @@ def test_a_run_without_ground_truth_is_reported_as_such(tmp_path):
     # with a known attack the plot keeps poisoned vs clean
     known = store.get(_abl_run(store, rng))
     assert [label for _, label, _ in loss_groups(known, known.array("poison_mask"))] == ["poisoned", "clean"]
+
+
+def test_more_isolated_than_pictured_still_draws_the_grid_with_truth(tmp_path):
+    """A run isolating more examples than it stores pictures of (500 at full scale, 64
+    pictures): the grid is drawn, each picture bordered by its own poison flag."""
+    store = RunStore(tmp_path / "runs")
+    k, shown = 80, 64
+    with store.create_run(CONFIG, name="many", seed=0) as run:
+        run.save_array("isolated_indices", np.arange(k))
+        run.save_array("isolated_is_poison", np.arange(k) % 2 == 0)
+        run.save_array("isolated_images", np.zeros((shown, 3, 8, 8), dtype=np.uint8))
+        run.finish({"final": {"clean_acc": 0.5}}, wall_s=1.0)
+    text = write_report(store, [run.run_id], tmp_path / "r").read_text()
+    assert f"]({run.run_id}-isolated.png)" in text, text
+    assert "expected (K, 3, H, W)" not in text
