@@ -5,9 +5,10 @@ from __future__ import annotations
 from abl.attacks import ATTACKS
 from abl.data.datasets import DATASETS
 from abl.defenses import DEFENSES
+from abl.detectors import DETECTORS
 from abl.models import MODELS
 from abl.registry import Registry
 
 
 def all_registries() -> dict[str, Registry]:
-    return {"dataset": DATASETS, "model": MODELS, "attack": ATTACKS, "defense": DEFENSES}
+    return {"dataset": DATASETS, "model": MODELS, "attack": ATTACKS, "defense": DEFENSES, "detector": DETECTORS}

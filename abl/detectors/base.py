@@ -1,0 +1,67 @@
+"""The detector template: score every training example for suspicion.
+
+A detector looks at the poisoned training set through a model trained on it (the
+backdoored model) and gives every example a score, higher = more suspicious; the
+isolated set is the top fraction of the scores (:func:`isolate`). Scores are only
+compared with each other, so a detector may use any scale, but they must be finite and
+comparable across classes, because the isolated set is taken over the whole training set.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from abl.data.loader import to_float
+from abl.data.types import PoisonedSet
+from abl.registry import Registry
+
+DETECTORS: Registry = Registry("detector")
+
+
+class Detector:
+    """Base of every detector: ``score(model, data)`` -> one float per training example.
+
+    Subclasses are dataclasses whose fields are their parameters (validated in
+    ``validate()``), registered with ``@DETECTORS.register(name)``.
+    """
+
+    def score(self, model: torch.nn.Module, data: PoisonedSet, *, batch_size: int = 1024) -> torch.Tensor:
+        """Suspicion scores, float ``(N,)`` on the CPU, finite, higher = more suspicious."""
+        raise NotImplementedError
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+    """``model.features`` (the last hidden layer) of uint8 ``images``, float64 ``(N, D)`` on the CPU.
+
+    Eval mode (BatchNorm running statistics: an example's features must not depend on
+    its batch) and no augmentation; the model's mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for s in range(0, len(images), batch_size):
+            x = to_float(images[s : s + batch_size].to(device))
+            out.append(model.features(x).float().cpu())
+    finally:
+        model.train(was_training)
+    # float64: SVD, ICA and distances on features of thousands of examples stay exact enough
+    return torch.cat(out).double() if out else torch.empty(0, 0, dtype=torch.float64)
+
+
+def isolate(scores: torch.Tensor, rate: float) -> torch.Tensor:
+    """Indices of the ``max(1, int(N * rate))`` highest scores, most suspicious first.
+
+    Ties keep index order (a stable sort), so the isolated set is deterministic.
+    """
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"rate must be in (0, 1], got {rate}")
+    if scores.ndim != 1 or len(scores) == 0:
+        raise ValueError(f"scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores must be finite")
+    k = max(1, int(len(scores) * rate))
+    order = torch.sort(scores.cpu(), descending=True, stable=True).indices
+    return order[:k]

@@ -1,0 +1,218 @@
+"""Contract tests over every registered detector, the shared helpers, and real detection on
+digits with BadNets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from abl.attacks import ATTACKS
+from abl.data import DATASETS
+from abl.data.types import PoisonedSet
+from abl.detectors import DETECTORS, detection_metrics, extract_features, isolate
+from abl.detectors.activation_clustering import ActivationClustering
+from abl.detectors.spectral import SpectralSignatures
+from abl.engine import Engine, TrainConfig
+from abl.errors import ConfigError
+from abl.models import MODELS
+
+# One invalid parameter per detector; a detector registered without an entry here fails
+# the contract test below, so every new detector gets the same checks.
+INVALID = {
+    "activation_clustering": ({"dims": 0}, "detector.dims"),
+    "spectral_signatures": ({"components": 0}, "detector.components"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def poisoned_digits(rate: float):
+    splits = DATASETS.create({"name": "digits"}).load()
+    attack = ATTACKS.create({"name": "badnets", "rate": rate, "target": 0})
+    attack.setup(splits.image_size, splits.num_classes)
+    return splits, attack.poison(splits.train), attack.triggered_test(splits.test)
+
+
+# 10%: the issue's setting; on 10 classes the target class is then half poison, against
+# both detectors' premise (a minority sub-population). 5%: a third of the target class.
+@pytest.fixture(scope="module", params=[0.1, 0.05], ids=["rate0.1", "rate0.05"])
+def backdoored(request):
+    """A small CNN trained on poisoned digits until the backdoor is learned (~6-10 s)."""
+    splits, data, trig = poisoned_digits(request.param)
+    torch.manual_seed(0)
+    model = MODELS.create({"name": "small_cnn", "width": 16}).build(10, splits.image_size)
+    cfg = TrainConfig(progress=False, threads=1, eval_every=0, checkpoint=False, batch_size=64)
+    engine = Engine(model, data, splits.test, trig, cfg, seed=0)
+    engine.run_phase("train", epochs=12, lr=0.05, milestones=[9])
+    final = engine.history[-1]
+    assert final["asr"] > 0.9 and final["clean_acc"] > 0.9, f"the backdoored model is not usable: {final}"
+    return request.param, model.eval(), data
+
+
+@pytest.fixture(scope="module")
+def small():
+    """300 examples and an untrained model: enough for the contract, in a fraction of a second."""
+    splits, data, _ = poisoned_digits(0.1)
+    keep = torch.arange(300)
+    sub = PoisonedSet(data.images[keep], data.labels[keep], data.true_labels[keep], data.poison_mask[keep])
+    torch.manual_seed(1)
+    return MODELS.create({"name": "small_cnn", "width": 8}).build(10, splits.image_size), sub
+
+
+# -- the contract, for every registered detector -------------------------------------------
+
+
+@pytest.mark.parametrize("name", DETECTORS.names())
+def test_detector_contract(name, small):
+    assert name in INVALID, f"add an invalid parameter for detector '{name}' to INVALID"
+    model, data = small
+    model.train()
+    detector = DETECTORS.create({"name": name})
+    scores = detector.score(model, data, batch_size=128)  # several feature batches
+    assert scores.shape == (len(data),) and scores.dtype == torch.float32
+    assert bool(torch.isfinite(scores).all())
+    assert len(torch.unique(scores)) > 10, "scores must rank examples, not only flag classes"
+    assert model.training, "scoring must leave the model's mode as it was"
+    # a detector sees what a defender sees: the ground truth must not change its scores
+    blind = PoisonedSet(data.images, data.labels, data.labels.clone(), torch.zeros_like(data.poison_mask))
+    again = DETECTORS.create({"name": name}).score(model, blind, batch_size=300)
+    assert torch.equal(scores, again), "scores must be deterministic, blind to the ground truth and the batch size"
+
+
+@pytest.mark.parametrize("name", DETECTORS.names())
+def test_detector_rejects_invalid_parameters(name):
+    params, key = INVALID[name]
+    with pytest.raises(ConfigError, match=key):
+        DETECTORS.create({"name": name, **params})
+    with pytest.raises(ConfigError, match="unknown key"):
+        DETECTORS.create({"name": name, "no_such_parameter": 1})
+
+
+def test_invalid_choices_are_config_errors():
+    with pytest.raises(ConfigError, match="detector.reduce"):
+        DETECTORS.create({"name": "activation_clustering", "reduce": "tsne"})
+    with pytest.raises(ConfigError, match="detector.normalise"):
+        DETECTORS.create({"name": "spectral_signatures", "normalise": "rank"})
+
+
+def test_features_are_eval_mode_and_batch_independent(small):
+    model, data = small
+    model.train()
+    whole = extract_features(model, data.images, batch_size=len(data))
+    assert whole.shape == (len(data), model.feature_dim) and whole.dtype == torch.float64
+    assert torch.allclose(extract_features(model, data.images, batch_size=7), whole, atol=1e-5)
+    assert model.training
+
+
+# -- the shared helpers -------------------------------------------------------------------
+
+
+def test_isolate_takes_the_top_fraction_most_suspicious_first_stably():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.0, 0.7, 0.2, 0.3, 0.4, 0.6])
+    assert isolate(scores, 0.3).tolist() == [1, 3, 5]  # tie at 0.9: lower index first
+    assert isolate(scores, 0.01).tolist() == [1]  # never empty
+    assert isolate(scores, 1.0).tolist() == [1, 3, 5, 9, 2, 8, 7, 6, 0, 4]
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="rate"):
+            isolate(scores, bad)
+    with pytest.raises(ValueError, match="finite"):
+        isolate(torch.tensor([0.0, float("nan")]), 0.5)
+
+
+def test_detection_metrics_on_known_rankings():
+    mask = torch.zeros(100, dtype=torch.bool)
+    mask[:10] = True
+    perfect = detection_metrics(mask.float(), mask, 0.1)
+    assert perfect == {"precision": 1.0, "recall": 1.0, "auprc": 1.0, "base_rate": 0.1, "count": 10.0}
+    worst = detection_metrics(-mask.float() + torch.arange(100) * 1e-3, mask, 0.05)
+    assert worst["precision"] == 0.0 and worst["recall"] == 0.0 and worst["auprc"] < 0.15
+    # half the poisons on top, half at the bottom: P@10% = 0.5, AP = (5 * 1 + 5 * 10/100) / 10
+    half = torch.zeros(100)
+    half[:5] = 1.0
+    half[5:10] = -1.0
+    mixed = detection_metrics(half, mask, 0.1)
+    assert mixed["precision"] == 0.5 and mixed["recall"] == 0.5 and math.isclose(mixed["auprc"], 0.55)
+    clean = detection_metrics(torch.rand(100), torch.zeros(100, dtype=torch.bool), 0.1)
+    assert math.isnan(clean["precision"]) and math.isnan(clean["auprc"]) and clean["base_rate"] == 0.0
+
+
+# -- each detector's per-class rules, on synthetic features --------------------------------
+
+
+def two_populations(n_clean: int, n_odd: int, shift: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian features of a clean majority and an odd minority moved by ``shift``."""
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(size=(n_clean + n_odd, 16))
+    feats[n_clean:, :3] += shift
+    return feats, np.arange(n_clean + n_odd) >= n_clean
+
+
+def test_activation_clustering_flags_the_smaller_separated_cluster():
+    ac = ActivationClustering(reduce="pca")
+    feats, odd = two_populations(80, 20, shift=6.0)
+    scores = ac.class_scores(feats)
+    assert scores[odd].min() > scores[~odd].max(), "the small cluster must outrank the large one"
+    # a weaker, relatively larger split scores lower than a strong, small one
+    weak = ac.class_scores(two_populations(60, 40, shift=3.0, seed=1)[0])
+    assert scores.max() > weak.max()
+    # too few examples for the reduction, or nothing varies: no split, score 0
+    assert not ac.class_scores(feats[:10]).any()
+    assert not ac.class_scores(np.ones((50, 16))).any()
+
+
+def test_spectral_signatures_scores_the_shifted_minority_highest():
+    ss = SpectralSignatures()
+    feats, odd = two_populations(90, 10, shift=5.0)
+    scores = ss.class_scores(torch.from_numpy(feats))
+    assert scores[torch.from_numpy(odd)].min() > scores[torch.from_numpy(~odd)].median()
+    # centred: moving the whole class does not change the scores
+    assert torch.allclose(ss.class_scores(torch.from_numpy(feats + 100.0)), scores, rtol=1e-6, atol=1e-6)
+    assert not ss.class_scores(torch.ones(1, 16)).any()
+    median = SpectralSignatures(normalise="median").class_scores(torch.from_numpy(feats))
+    assert math.isclose(float(median.median()), 1.0, rel_tol=1e-9)
+
+
+# -- real detection: digits, BadNets to class 0, a backdoored small CNN --------------------
+
+# Measured on these fixtures (one thread). Over the whole set, AUPRC / precision at 1% / at
+# the poison rate; within the target class, AUPRC (its base rate: 0.50 at 10%, 0.34 at 5%):
+#   10%: activation clustering 0.52 / 1.00 / 0.42, within 0.97
+#        spectral signatures   0.35 / 0.77 / 0.39, within 0.86
+#    5%: activation clustering 0.37 / 1.00 / 0.33, within 0.98
+#        spectral signatures   0.52 / 0.92 / 0.52, within 0.82
+# Thresholds sit well above the base rates and above what the broken variants we tried
+# gave (e.g. scoring the larger cluster: within-class AUPRC 0.72-0.74; projecting on the
+# smallest singular direction: AUPRC 0.15 at 5%).
+EXPECTED = {
+    ("activation_clustering", 0.1): {"auprc": 0.4, "precision_1pc": 0.9, "precision_rate": 0.25, "within": 0.9},
+    ("spectral_signatures", 0.1): {"auprc": 0.25, "precision_1pc": 0.6, "precision_rate": 0.25, "within": 0.7},
+    ("activation_clustering", 0.05): {"auprc": 0.25, "precision_1pc": 0.9, "precision_rate": 0.2, "within": 0.9},
+    ("spectral_signatures", 0.05): {"auprc": 0.4, "precision_1pc": 0.75, "precision_rate": 0.35, "within": 0.7},
+}
+
+
+@pytest.mark.parametrize("name", DETECTORS.names())
+def test_detector_ranks_backdoor_poisons_high(name, backdoored):
+    rate, model, data = backdoored
+    assert (name, rate) in EXPECTED, f"measure detector '{name}' at rate {rate} and add it to EXPECTED"
+    want = EXPECTED[(name, rate)]
+    scores = DETECTORS.create({"name": name}).score(model, data)
+    base = float(data.poison_mask.float().mean())
+    at_1pc = detection_metrics(scores, data.poison_mask, 0.01)
+    at_rate = detection_metrics(scores, data.poison_mask, base)
+    assert at_1pc["auprc"] > want["auprc"], f"AUPRC {at_1pc['auprc']:.3f} (base rate {base:.3f})"
+    assert at_1pc["precision"] >= want["precision_1pc"], f"precision at 1% {at_1pc['precision']:.3f}"
+    assert at_rate["precision"] > want["precision_rate"], f"precision at the poison rate {at_rate['precision']:.3f}"
+    # the poisoned class itself: poisons above its clean examples (the detectors' core claim)
+    target = data.labels == 0
+    within = detection_metrics(scores[target], data.poison_mask[target], base)["auprc"]
+    assert within > want["within"], f"AUPRC within the target class {within:.3f}"
