@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -145,6 +146,8 @@ class Engine:
         self._write_checkpoint: Callable[[dict], None] | None = None
         self._last_checkpoint = time.monotonic()
         self._resume: dict | None = None
+        #: where stages shared between runs are cached (``abl.stages``); None: not cached
+        self.stage_dir: Path | None = None
         gen = torch.Generator().manual_seed(seed)
         self._eval_index = self._subset_index(len(self.test), gen)
         self._eval_trig_index = self._subset_index(len(self.triggered), gen) if self.triggered is not None else None

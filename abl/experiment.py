@@ -24,6 +24,7 @@ from abl.defenses import DEFENSES, Defense
 from abl.engine import Engine, TrainConfig
 from abl.errors import ConfigError, DataError
 from abl.models import MODELS
+from abl.stages import stage_dir_for
 from abl.store import RunRecord, RunStore
 
 PREVIEW = 64  # isolated images stored with a run for the report's picture grid
@@ -369,11 +370,14 @@ def _execute(
         if exp.attack is not None and exp.attack.artefacts():
             writer.save_tensors("trigger", {k: v.contiguous() for k, v in exp.attack.artefacts().items()})
         engine = Engine(model, data, splits.test, prep.triggered, exp.train, seed=exp.seed, on_epoch=log)
+        engine.stage_dir = stage_dir_for(exp.output.cache_dir)
         if exp.train.checkpoint:
             engine.enable_checkpoints(save_checkpoint)
         if resume is not None:
             engine.resume_from(resume)
         result = exp.defense.run(engine)
+        if engine.state.get("stages"):  # which cached stages it used or made, by key
+            writer.save_json("stages", engine.state["stages"])
         writer.save_array("example_losses", engine.loss_matrix().numpy().astype(np.float32))
         if result.isolated is not None:
             iso = result.isolated

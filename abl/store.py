@@ -329,6 +329,17 @@ class RunRecord:
         suffix = "." + ext
         return sorted(p.name[: -len(suffix)] for p in self.path.glob("*" + suffix) if not p.name.startswith("."))
 
+    def json(self, name: str) -> Any:
+        """The data saved as ``<name>.json`` (``null`` numbers stay None)."""
+        _check_artefact_name(name)
+        path = self.path / f"{name}.json"
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise StoreError(f"run {self.run_id} has no '{name}.json'") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"run {self.run_id}: {name}.json is not valid JSON ({exc})") from None
+
     def has_array(self, name: str) -> bool:
         return (self.path / f"{name}.npy").is_file()
 
@@ -778,6 +789,14 @@ class RunWriter:
         if array.dtype.hasobject:
             raise ValueError(f"array '{name}' has dtype object: only plain numeric/bool arrays are stored")
         _atomic_write_bytes(self.path / f"{name}.npy", lambda f: np.save(f, array, allow_pickle=False))
+
+    def save_json(self, name: str, data: Any) -> None:
+        """Save ``<name>.json`` (plain JSON data; non-finite numbers as null)."""
+        self._check_open(f"save JSON '{name}'")
+        _check_artefact_name(name)
+        if name in ("meta", "metrics"):
+            raise ValueError(f"'{name}.json' is the store's own file; pick another name")
+        _atomic_write_text(self.path / f"{name}.json", json.dumps(_json_safe(data), indent=2, allow_nan=False))
 
     def save_tensors(self, name: str, tensors: Mapping[str, Any]) -> None:
         """Save ``<name>.safetensors`` (e.g. a model's ``state_dict()``), copied to the CPU."""

@@ -17,6 +17,7 @@ from abl.models import MODELS
 # contract test below, so every new defense gets the same checks.
 SHORT = {
     "none": {"epochs": 3, "lr": 0.05},
+    "detect": {"backdoor": {"epochs": 2, "lr": 0.05}, "detector": {"name": "spectral_signatures"}, "rate": 0.05},
     "abl": {
         "isolation_epochs": 2,
         "isolation_lr": 0.02,

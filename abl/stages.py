@@ -1,0 +1,146 @@
+"""Stages shared between runs, computed once and cached by the hash of their inputs.
+
+The backdoored model (a model trained without defense on the poisoned set) is what
+activation clustering, spectral signatures and the post-training defenses start from, and
+many runs of a grid share it. It is cached under ``<cache dir>/stages/`` as safetensors,
+keyed by a hash of everything that decides it: the poisoned training images and labels
+(so dataset, slice and attack are covered by content, whatever config produced them), the
+model's initial weights (architecture and seed), the training schedule, the engine
+settings that change the arithmetic (batch size, optimizer, device type, bf16) and the
+seed of the data order. Any change to any of them is a different key; nothing is ever
+served stale. The file's JSON header keeps the inputs that are readable (schedule,
+settings) and the model's CA/ASR, so a run that reuses it can report them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from abl.config import check
+from abl.data.loader import AugmentConfig
+from abl.engine import Engine
+
+STAGE_FORMAT = 1
+_META_KEY = "abl_stage"
+
+
+@dataclass
+class BackdoorSchedule:
+    """How the backdoored model is trained: the ABL paper's no-defense schedule
+    (appendix A.2: 100 epochs at lr 0.1, divided by 10 at epochs 20 and 70, no augmentation)."""
+
+    epochs: int = 100
+    lr: float = 0.1
+    milestones: list[int] = field(default_factory=lambda: [20, 70])
+    lr_factor: float = 0.1
+    augment: bool = False
+
+    def validate(self) -> None:
+        check(self.epochs >= 1, "backdoor.epochs", "must be >= 1")
+        check(self.lr > 0, "backdoor.lr", "must be > 0")
+        check(0 < self.lr_factor <= 1, "backdoor.lr_factor", "must be in (0, 1]")
+
+
+def _engine_settings(engine: Engine) -> dict[str, Any]:
+    c = engine.cfg
+    return {
+        "batch_size": c.batch_size, "momentum": c.momentum, "weight_decay": c.weight_decay, "nesterov": c.nesterov,
+        "device_type": engine.device.type, "bf16": engine.autocast_dtype is not None, "channels_last": engine.channels_last,
+        "seed": engine.seed,
+    }
+
+
+def stage_key(kind: str, engine: Engine, spec: dict[str, Any]) -> str:
+    """The hash of a stage's inputs (see the module docstring)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"kind": kind, "format": STAGE_FORMAT, "spec": spec, "engine": _engine_settings(engine)},
+                        sort_keys=True).encode())
+    for t in (engine.data.images, engine.data.labels):
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    for name, t in sorted(engine.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.detach().contiguous().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def stage_dir_for(cache_dir: str | os.PathLike | None) -> Path:
+    from abl.data.cache import resolve_cache_dir
+
+    return resolve_cache_dir(cache_dir) / "stages"
+
+
+def backdoored_model(engine: Engine, schedule: BackdoorSchedule) -> dict[str, Any]:
+    """Put the backdoored model into ``engine.model``: read from the stage cache, or trained
+    with ``schedule`` (phase ``backdoor``) and then cached. Call it before any other
+    training, on the freshly initialised model (its weights are part of the key).
+
+    Returns ``{"key", "hit", "metrics"}``: ``hit`` tells whether the cache served it,
+    ``metrics`` its CA/ASR. The decision is kept in ``engine.state``, so a run resumed
+    after the stage was trained finishes it from its checkpoint rather than switching to
+    the cache half-way.
+    """
+    stages = engine.state.setdefault("stages", {})
+    spec = {"schedule": asdict(schedule)}
+    if "backdoored" not in stages:
+        key = stage_key("backdoored", engine, spec)
+        path = engine.stage_dir / f"backdoored-{key}.safetensors" if engine.stage_dir is not None else None
+        stages["backdoored"] = {"key": key, "hit": bool(path is not None and path.is_file())}
+    info = stages["backdoored"]
+    path = engine.stage_dir / f"backdoored-{info['key']}.safetensors" if engine.stage_dir is not None else None
+    if info["hit"]:
+        assert path is not None
+        weights, meta = _read(path)
+        engine.model.load_state_dict(weights)
+        return {**info, "metrics": meta["metrics"]}
+    engine.run_phase(
+        "backdoor",
+        epochs=schedule.epochs,
+        lr=schedule.lr,
+        milestones=schedule.milestones,
+        lr_factor=schedule.lr_factor,
+        augment=AugmentConfig() if schedule.augment else None,
+    )
+    last = engine.history[-1]
+    metrics = {k: float(last[k]) for k in ("clean_acc", "asr") if k in last}
+    if path is not None:
+        _write(path, engine.model.state_dict(), {"spec": spec, "engine": _engine_settings(engine), "metrics": metrics})
+    return {**info, "metrics": metrics}
+
+
+def _write(path: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()},
+                metadata={_META_KEY: json.dumps({"format": STAGE_FORMAT, **meta})})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # concurrent writers of one key write the same bytes
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import SafetensorError, safe_open
+
+    from abl.errors import StoreError
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads((f.metadata() or {})[_META_KEY])
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise StoreError(f"cached stage '{path}' is unreadable ({exc}); delete it and run again") from None
+    return weights, meta
