@@ -1,10 +1,10 @@
 """The practitioner's case on real images: a folder poisoned by hand, ABL with `attack: null`.
 
-2,000 CIFAR-10 training images as PNG class folders; 10% of them (200, from the nine
-other classes) carry a sticker of our own design (``tests/practitioner_data.py``: a 5x5
-yellow square with a blue cross at a random spot of the top-left quarter) and were moved
-into the ``airplane`` folder, which then holds 380 images against about 178 in each
-other class. ABL runs with its default preset (epoch counts shortened as in every slice test,
+5,000 CIFAR-10 training images as PNG class folders (the size of the CIFAR-10 slice tests);
+10% of them (500, from the nine other classes) carry a sticker of our own design
+(``tests/practitioner_data.py``: a 5x5 yellow square with a blue cross at a random spot of
+the top-left quarter) and were moved into the ``airplane`` folder, which then holds about
+950 images against about 445 in each other class. ABL runs with its default preset (epoch counts shortened as in every slice test,
 nothing else set) and knows nothing of the attack; the isolated files are scored against
 the list of files we poisoned.
 """
@@ -21,24 +21,21 @@ from abl.store import RunStore
 from practitioner_data import make_poisoned_folder
 from slice_schedule import ABL_DEFAULT_SLICE, NONE_SAME_LENGTH, SLICE_TRAIN
 
-# Known to fail with today's default. 2026-11-26 (two xdist workers at one thread): it
-# isolated 20 clean automobile/truck images (precision 0%, separation 6.6, not flagged weak).
-# 2026-11-27 (one process, two threads, after the image-folder fixes of issue 8): 20 of 20
-# isolated files poisoned (separation 20.8), the sticker planted at 100% ASR, but unlearning
-# left 49% (it kept epoch 3 of 8, where the 4 held-out suspects were unfitted and 31% of the
-# 16 unlearned ones still fitted); CA 47.1% none, 51.2% ABL (benchmarks/README.md). It states
-# the target; it runs with -m extended until the default meets it, instead of failing CI.
+# Slow (two 5,000-image trainings), so under -m extended. With 2,000 images the sticker was
+# not learned within the 12 isolation epochs (the poisons' median loss stayed at 1.85, above
+# the clean images', at one thread), so no ranking could find them: 0 of 20 isolated at one
+# thread, 20 of 20 at two. At 5,000 it is learned at isolation epoch 7 (91% of the poisons
+# fitted) and every ranking rule isolates 100% (benchmarks/README.md).
 pytestmark = [pytest.mark.slow, pytest.mark.extended, pytest.mark.xdist_group("practitioner")]
 
 
 @pytest.fixture(scope="module")
 def practitioner_run(cifar10_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("scraped")
-    poisoned = make_poisoned_folder(cifar10_root, folder, per_class=200, test_per_class=100, rate=0.1)
+    poisoned = make_poisoned_folder(cifar10_root, folder, per_class=500, test_per_class=100, rate=0.1)
     out = tmp_path_factory.mktemp("practitioner-runs")
     runs = {}
-    # unlearning keeps the default's 20 epochs (2,000 images make them cheap); its held-out
-    # check stops it early
+    # unlearning keeps the default's 20 epochs; its held-out check stops it early
     abl = {k: v for k, v in ABL_DEFAULT_SLICE.items() if k != "unlearning_epochs"}
     for name, defense in (("none", NONE_SAME_LENGTH), ("abl", abl)):
         runs[name] = _run(folder, out, name, defense)
@@ -62,7 +59,7 @@ def _run(folder, out, name, defense):
 def test_isolated_files_are_the_poisoned_ones(practitioner_run):
     rec, poisoned, _, _ = practitioner_run
     files = [str(f) for f in rec.array("isolated_files")]
-    assert len(files) == 20  # 1% of 2,000
+    assert len(files) == 50  # 1% of 5,000
     hits = sum(f in poisoned for f in files)
     precision = hits / len(files)
     print(f"practitioner folder: {hits} of {len(files)} isolated files are poisoned (precision {precision:.1%}); "
