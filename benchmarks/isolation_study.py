@@ -62,24 +62,36 @@ def record(args: argparse.Namespace) -> Path:
     engine = Engine(model, data, splits.test, trig, cfg, seed=args.seed)
     evals: list[torch.Tensor] = []
     objective = mean_loss if args.loss == "ce" else ISOLATION_LOSSES[args.loss](args.gamma)
-    t0 = time.perf_counter()
-    engine.run_phase(
-        "isolation", epochs=args.epochs, lr=args.lr, objective=objective, shuffle=True,
-        after_epoch=lambda e: evals.append(engine.per_example_loss().cpu()),
-    )
-    hist = engine.history
     out = Path(args.out) / f"{args.dataset}-{args.attack}-{args.loss}-n{args.train}-b{args.batch}-lr{args.lr}-s{args.seed}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        out,
-        train_losses=engine.loss_matrix().numpy(),
-        eval_losses=torch.stack(evals).numpy(),
-        poison=data.poison_mask.numpy(),
-        labels=data.labels.numpy(),
-        true_labels=data.true_labels.numpy(),
-        clean_acc=np.array([h.get("clean_acc", np.nan) for h in hist]),
-        asr=np.array([h.get("asr", np.nan) for h in hist]),
+
+    def save(path: Path) -> None:
+        hist = engine.history
+        np.savez(
+            path,
+            train_losses=engine.loss_matrix().numpy(),
+            eval_losses=torch.stack(evals).numpy(),
+            poison=data.poison_mask.numpy(),
+            labels=data.labels.numpy(),
+            true_labels=data.true_labels.numpy(),
+            clean_acc=np.array([h.get("clean_acc", np.nan) for h in hist]),
+            asr=np.array([h.get("asr", np.nan) for h in hist]),
+        )
+
+    def after_epoch(e: int) -> None:
+        evals.append(engine.per_example_loss().cpu())
+        h = engine.history[-1]
+        print(f"epoch {e + 1}/{args.epochs}: {time.perf_counter() - t0:.0f}s, CA {h.get('clean_acc', float('nan')):.3f} "
+              f"ASR {h.get('asr', float('nan')):.3f}", flush=True)
+        if args.save_partial:  # so that a long run that is stopped keeps its epochs
+            save(out.with_suffix(".partial.npz"))
+
+    t0 = time.perf_counter()
+    engine.run_phase(
+        "isolation", epochs=args.epochs, lr=args.lr, objective=objective, shuffle=True, after_epoch=after_epoch,
     )
+    hist = engine.history
+    save(out)
     print(f"{out.name}: {time.perf_counter() - t0:.0f}s, final CA {hist[-1]['clean_acc']:.3f} ASR {hist[-1]['asr']:.3f}")
     return out
 
@@ -153,6 +165,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rate", type=float, default=0.01)
     ap.add_argument("--out", default=str(REPO / ".cache" / "study"))
+    ap.add_argument("--save-partial", action="store_true", help="rewrite <out>.partial.npz after every epoch")
     args = ap.parse_args()
     if args.analyse:
         analyse(args.analyse, args.rate)
