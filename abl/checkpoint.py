@@ -14,14 +14,13 @@ are packed into JSON with each tensor replaced by a reference to its safetensors
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from abl.errors import StoreError
+from abl.store import _atomic_write_bytes
 
 FORMAT = "abl-checkpoint/1"
 FILE_NAME = "checkpoint.safetensors"
@@ -81,16 +80,7 @@ def save(path: Path, state: dict[str, Any]) -> None:
     # allow_nan: the history may hold NaN (an undefined rate); only Python reads this back
     header = json.dumps({"format": FORMAT, "state": meta}, allow_nan=True)
     data = st_save(tensors, metadata={_META_KEY: header})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _atomic_write_bytes(path, lambda f: f.write(data))
 
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from abl.config import check
 from abl.data.loader import AugmentConfig
 from abl.engine import Engine
+from abl.store import _atomic_write_bytes
 
 STAGE_FORMAT = 1
 _META_KEY = "abl_stage"
@@ -123,13 +123,7 @@ def _write(path: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     data = save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()},
                 metadata={_META_KEY: json.dumps({"format": STAGE_FORMAT, **meta})})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # concurrent writers of one key write the same bytes
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _atomic_write_bytes(path, lambda f: f.write(data))  # concurrent writers of one key write the same bytes
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

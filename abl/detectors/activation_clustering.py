@@ -16,7 +16,7 @@ from sklearn.metrics import silhouette_score
 
 from abl.config import check
 from abl.data.types import PoisonedSet
-from abl.detectors.base import DETECTORS, Detector, extract_features
+from abl.detectors.base import DETECTORS, Detector, score_per_class
 
 #: the within-cluster tie-break spans this fraction of the gap between the scores of a
 #: class's two clusters: below 1, so it never reorders them, and small, so it barely
@@ -83,13 +83,7 @@ class ActivationClustering(Detector):
         check(self.seed >= 0, "detector.seed", f"must be >= 0, got {self.seed}")
 
     def score(self, model: torch.nn.Module, data: PoisonedSet, *, batch_size: int = 1024) -> torch.Tensor:
-        feats = extract_features(model, data.images, batch_size=batch_size)
-        labels = data.labels.cpu()
-        scores = torch.zeros(len(labels), dtype=torch.float64)
-        for c in labels.unique().tolist():
-            idx = (labels == c).nonzero().squeeze(1)
-            scores[idx] = torch.from_numpy(self.class_scores(feats[idx].numpy()))
-        return scores.float()
+        return score_per_class(model, data, lambda f: self.class_scores(f.numpy()), batch_size=batch_size)
 
     def reduced(self, feats: np.ndarray) -> np.ndarray | None:
         """The class's activations in at most ``dims`` dimensions; ``None`` if they do not vary."""

@@ -51,6 +51,20 @@ def extract_features(model: torch.nn.Module, images: torch.Tensor, *, batch_size
     return torch.cat(out).double() if out else torch.empty(0, 0, dtype=torch.float64)
 
 
+def score_per_class(
+    model: torch.nn.Module, data: PoisonedSet, class_scores, *, batch_size: int = 1024
+) -> torch.Tensor:
+    """Features of every training example, scored class by class (by training label) with
+    ``class_scores(features of one class) -> scores``; float32 ``(N,)`` on the CPU."""
+    feats = extract_features(model, data.images, batch_size=batch_size)
+    labels = data.labels.cpu()
+    scores = torch.zeros(len(labels), dtype=torch.float64)
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        scores[idx] = torch.as_tensor(class_scores(feats[idx]), dtype=torch.float64)
+    return scores.float()
+
+
 def isolate(scores: torch.Tensor, rate: float) -> torch.Tensor:
     """Indices of the ``max(1, int(N * rate))`` highest scores, most suspicious first.
 

@@ -10,7 +10,7 @@ import torch
 
 from abl.config import check
 from abl.data.types import PoisonedSet
-from abl.detectors.base import DETECTORS, Detector, extract_features
+from abl.detectors.base import DETECTORS, Detector, score_per_class
 
 _TINY = 1e-12  # below this a class's median score means its features do not vary
 
@@ -61,13 +61,7 @@ class SpectralSignatures(Detector):
         check(self.components >= 1, "detector.components", f"must be >= 1, got {self.components}")
 
     def score(self, model: torch.nn.Module, data: PoisonedSet, *, batch_size: int = 1024) -> torch.Tensor:
-        feats = extract_features(model, data.images, batch_size=batch_size)
-        labels = data.labels.cpu()
-        scores = torch.zeros(len(labels), dtype=torch.float64)
-        for c in labels.unique().tolist():
-            idx = (labels == c).nonzero().squeeze(1)
-            scores[idx] = self.class_scores(feats[idx])
-        return scores.float()
+        return score_per_class(model, data, self.class_scores, batch_size=batch_size)
 
     def class_scores(self, feats: torch.Tensor) -> torch.Tensor:
         """Scores of the examples of one class, from their features ``(n, D)``."""
