@@ -148,6 +148,9 @@ class Engine:
         self._resume: dict | None = None
         #: where stages shared between runs are cached (``abl.stages``); None: not cached
         self.stage_dir: Path | None = None
+        #: builds a freshly initialised model of the run's architecture (set by the
+        #: experiment; unlearners that retrain from scratch use it)
+        self.model_factory: Callable[[], torch.nn.Module] | None = None
         gen = torch.Generator().manual_seed(seed)
         self._eval_index = self._subset_index(len(self.test), gen)
         self._eval_trig_index = self._subset_index(len(self.triggered), gen) if self.triggered is not None else None
@@ -245,6 +248,13 @@ class Engine:
         return int(ck["phase_epoch"]) + 1
 
     # -- building blocks -------------------------------------------------------------
+    def replace_model(self, model: torch.nn.Module) -> None:
+        """Train and evaluate ``model`` from now on (e.g. an unlearner's pretrained network)."""
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_model = torch.compile(self.model) if self.cfg.compile else self.model
+
     def optimizer(self, lr: float, nesterov: bool | None = None) -> torch.optim.SGD:
         """SGD with the engine's momentum and weight decay; ``nesterov`` overrides the
         engine's setting (a defense preset may fix it, e.g. the ABL authors' code)."""
@@ -274,6 +284,18 @@ class Engine:
             out[s : s + bs] = F.cross_entropy(logits.float(), self.data.labels[idx], reduction="none")
         self.model.train()
         return out
+
+    @torch.no_grad()
+    def predict(self, index: torch.Tensor) -> torch.Tensor:
+        """Eval-mode predicted classes of training examples ``index`` (on the device)."""
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        bs = self.cfg.eval_batch_size
+        for s in range(0, len(index), bs):
+            out.append(self._forward(self.model, to_float(self.data.images[index[s : s + bs]])).argmax(1))
+        self.model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def train_accuracy(self, index: torch.Tensor) -> float:
@@ -339,6 +361,9 @@ class Engine:
         after_epoch: Callable[[int], bool | None] | None = None,
         nesterov: bool | None = None,
         freeze_bn: bool | str = False,
+        smoothing: float | torch.Tensor = 0.0,
+        images: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.optim.Optimizer:
         """Train ``epochs`` epochs minimising ``objective`` over ``index`` (default: all).
 
@@ -348,6 +373,11 @@ class Engine:
         used, not updated); ``"stats"`` normalises with batch statistics as in training but
         leaves the running statistics untouched, so batches made mostly of isolated examples
         (unlearning) do not shift what the model uses at test time.
+        ``smoothing``: label smoothing of the training loss the objective sees, one value or
+        one per training example (``(N,)``, on the device); the loss record keeps the plain
+        cross-entropy, so rankings compare the model's confidence in the label.
+        ``images`` / ``labels``: train on a modified copy of the training set (same length
+        and order; e.g. an unlearner that relabels or perturbs the isolated examples).
         Returns the optimizer so that a following phase can carry its momentum over.
         Raises :class:`DivergenceError` as soon as an epoch's loss is not finite.
         """
@@ -357,8 +387,8 @@ class Engine:
         if len(self._phases) < ordinal:
             self._phases.append(phase)
         loader = TensorLoader(
-            self.data.images,
-            self.data.labels,
+            self.data.images if images is None else images,
+            self.data.labels if labels is None else labels,
             batch_size or self.cfg.batch_size,
             index=index,
             shuffle=shuffle,
@@ -374,6 +404,7 @@ class Engine:
                 return opt
             start = resumed
         n = len(self.data)
+        per_example_smoothing = isinstance(smoothing, torch.Tensor)
         bar = progress_bar(range(start, epochs), phase, self.cfg.progress)
         self._train_mode(freeze_bn)
         for e in bar:
@@ -387,7 +418,13 @@ class Engine:
             for x, y, idx in loader:
                 logits = self._forward(self.train_model, x)
                 losses = F.cross_entropy(logits.float(), y, reduction="none")
-                loss = objective(losses, idx)
+                if per_example_smoothing or float(smoothing) > 0:
+                    eps = smoothing[idx] if per_example_smoothing else smoothing  # type: ignore[index]
+                    # (1 - eps) * CE + eps * CE against the uniform distribution
+                    uniform = -torch.log_softmax(logits.float(), 1).mean(1)
+                    loss = objective((1 - eps) * losses + eps * uniform, idx)
+                else:
+                    loss = objective(losses, idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

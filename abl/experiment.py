@@ -371,6 +371,7 @@ def _execute(
             writer.save_tensors("trigger", {k: v.contiguous() for k, v in exp.attack.artefacts().items()})
         engine = Engine(model, data, splits.test, prep.triggered, exp.train, seed=exp.seed, on_epoch=log)
         engine.stage_dir = stage_dir_for(exp.output.cache_dir)
+        engine.model_factory = lambda: exp.model.build(splits.num_classes, splits.image_size)
         if exp.train.checkpoint:
             engine.enable_checkpoints(save_checkpoint)
         if resume is not None:
@@ -378,6 +379,8 @@ def _execute(
         result = exp.defense.run(engine)
         if engine.state.get("stages"):  # which cached stages it used or made, by key
             writer.save_json("stages", engine.state["stages"])
+        if result.notes:  # e.g. the detector and unlearner an ABL run composed, resolved
+            writer.save_json("notes", result.notes)
         writer.save_array("example_losses", engine.loss_matrix().numpy().astype(np.float32))
         if result.isolated is not None:
             iso = result.isolated
@@ -389,7 +392,8 @@ def _execute(
             if splits.train_files is not None:
                 writer.save_array("isolated_files", np.array([splits.train_files[i] for i in iso.tolist()], dtype=np.str_))
         if exp.output.save_model:
-            writer.save_tensors("model", {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+            # engine.model: an unlearner may have replaced the network (e.g. an ImageNet ResNet-34)
+            writer.save_tensors("model", {k: v.detach().cpu().contiguous() for k, v in engine.model.state_dict().items()})
         attack_metrics = prep.attack_metrics
         metrics = {"attack": attack_metrics, **result.metrics} if attack_metrics else result.metrics
         writer.finish(metrics, wall_s=elapsed_before + time.perf_counter() - t_start)

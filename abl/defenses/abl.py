@@ -17,19 +17,36 @@ preset's value; any field set explicitly wins, and the resolved values are recor
 from __future__ import annotations
 
 import copy
-import math
 import time
 import warnings
-from dataclasses import dataclass, fields
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 
-from abl.config import check
+from abl.config import check, to_plain
 from abl.data.loader import AugmentConfig
 from abl.defenses.base import DEFENSES, METRIC_KEYS, Defense, DefenseResult, phase_metrics
-from abl.engine import Engine, Objective
+from abl.detectors import DETECTORS, Detector
+from abl.detectors.loss import (  # noqa: F401  (re-exported: the objectives' old home)
+    ISOLATION_DETECTORS,
+    TrainedIsolation,
+    flooding_objective,
+    lga_batch_objective,
+    lga_objective,
+)
+from abl.engine import Engine
 from abl.metrics import isolation_metrics
+from abl.stages import BackdoorSchedule
+from abl.unlearning import UNLEARNERS, Unlearner, UnlearnContext
+from abl.unlearning.gga import (  # noqa: F401  (re-exported)
+    MIN_FIRM_HOLDOUT,
+    GGA,
+    Ascent,
+    ascent_objective,
+    gga_objective,
+    split_holdout,
+)
 
 #: appendix A.3 of the paper. The isolation loss is LGA on the batch mean: the form of the
 #: authors' code, and the only one that comes near the paper's Table 7 at full scale (the
@@ -112,76 +129,7 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
-def lga_objective(gamma: float) -> Objective:
-    """Per-example LGA: ``mean(sign(l - gamma) * l)`` (one reading of the paper's Eq. 3).
-
-    It holds every fitted example at ``gamma``, poisons and easy clean examples alike, so a
-    ranking cannot tell them apart: on all 50,000 CIFAR-10 images (BadNets 10%, WRN-16-1,
-    20 epochs at lr 0.1) it isolated 0 of 500 poisons (precision 0.0%), against 490 of 500
-    for the batch-mean form (:func:`lga_batch_objective`). Kept as an option, never a preset.
-    """
-
-    def objective(losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return (torch.sign(losses - gamma) * losses).mean()
-
-    return objective
-
-
-def lga_batch_objective(gamma: float) -> Objective:
-    """The authors' variant: LGA on the batch-mean loss, ``sign(L - gamma) * L``."""
-
-    def objective(losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        mean = losses.mean()
-        return torch.sign(mean - gamma) * mean
-
-    return objective
-
-
-def flooding_objective(level: float) -> Objective:
-    """Flooding (Ishida et al., ICML 2020) on the batch mean: ``|L - b| + b``."""
-
-    def objective(losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        mean = losses.mean()
-        return (mean - level).abs() + level
-
-    return objective
-
-
-def _ascent_term(bad: torch.Tensor, ceiling: float | None) -> torch.Tensor:
-    """Mean loss of isolated examples to ascend; with a ``ceiling``, examples whose loss
-    already exceeds it stop contributing (their backdoor link is already cut)."""
-    if ceiling is None:
-        return bad.mean()
-    return torch.where(bad.detach() < ceiling, bad, torch.zeros_like(bad)).mean()
-
-
-def gga_objective(isolated_lookup: torch.Tensor, ceiling: float | None = None) -> Objective:
-    """Joint GGA: ``mean over D_c of l - mean over D_b of l`` within each paired batch."""
-
-    def objective(losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        # masked sums instead of boolean indexing and len(): no host sync per step on a GPU
-        iso = isolated_lookup[idx].to(losses.dtype)
-        n_bad = iso.sum()
-        n_clean = iso.numel() - n_bad
-        clean = (losses * (1 - iso)).sum() / n_clean.clamp_min(1)
-        bad = losses if ceiling is None else torch.where(losses.detach() < ceiling, losses, torch.zeros_like(losses))
-        return clean - (bad * iso).sum() / n_bad.clamp_min(1)
-
-    return objective
-
-
-def ascent_objective(ceiling: float | None = None) -> Objective:
-    """Pure gradient ascent on the isolated examples (the authors' unlearning)."""
-
-    def objective(losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return -_ascent_term(losses, ceiling)
-
-    return objective
-
-
-#: below this many held-out suspects the unlearning check is coarse, and the run says so
-MIN_FIRM_HOLDOUT = 10
-
+#: ABL's ``isolation_loss`` values -> the objective each trains with
 ISOLATION_LOSSES = {"lga": lga_objective, "lga_batch": lga_batch_objective, "flooding": flooding_objective}
 
 
@@ -244,6 +192,16 @@ class ABL(Defense):
             (0: run every epoch).
         min_separation: the isolation evidence is flagged weak (metric ``iso_weak`` = 1, a
             warning, a line in the report) when ``iso_separation`` falls below this.
+        detector: any registered detector and its parameters (``abl list detector``) in
+            place of the isolation fields above (``isolation_loss`` ... ``rank_epochs``);
+            null: the isolation those fields describe (the preset's). Model-based detectors
+            (activation clustering, spectral signatures) score with the backdoored model,
+            trained with ``backdoor`` or read from the stage cache.
+        unlearner: any registered unlearner and its parameters (``abl list unlearner``:
+            GGA, pure ascent and the ten of the paper's Table 8) in place of the
+            ``unlearning*`` fields; null: the unlearning those fields describe.
+        backdoor: the no-defense schedule of the backdoored model a model-based detector
+            scores with (the paper's: 100 epochs, lr 0.1, /10 at 20 and 70).
     """
 
     preset: Literal["default", "paper", "official"] = "default"
@@ -276,6 +234,9 @@ class ABL(Defense):
     unlearning_select: Literal["last", "heldout"] | None = None
     unlearning_patience: int | None = None
     min_separation: float = 6.0
+    detector: dict[str, Any] | None = None
+    unlearner: dict[str, Any] | None = None
+    backdoor: BackdoorSchedule = field(default_factory=BackdoorSchedule)
 
     def validate(self) -> None:
         from_preset = set()
@@ -315,9 +276,45 @@ class ABL(Defense):
         )
         check(self.unlearning_patience >= 0, "defense.unlearning_patience", "must be >= 0 (0: no early stop)")  # type: ignore[operator]
         check(self.min_separation >= 0, "defense.min_separation", "must be >= 0")
+        self.backdoor.validate()
+        self._build_parts()
+
+    def _build_parts(self) -> None:
+        """Resolve and record the named detector and unlearner (validated once here)."""
+        if self.detector is not None:
+            self.detector = to_plain(DETECTORS.create(self.detector, "defense.detector"))
+        if self.unlearner is not None:
+            self.unlearner = to_plain(UNLEARNERS.create(self.unlearner, "defense.unlearner"))
+        self.detector_part(), self.unlearner_part()
+
+    def detector_part(self) -> Detector:
+        """The detector this ABL runs: the one named, else the isolation the flat fields
+        (the preset's) describe. Built on each call, so it follows the fields."""
+        if self.detector is not None:
+            return DETECTORS.create(self.detector, "defense.detector")
+        return ISOLATION_DETECTORS[self.isolation_loss](  # type: ignore[index]
+            gamma=self.gamma, epochs=self.isolation_epochs, lr=self.isolation_lr, shuffle=self.isolation_shuffle,
+            ranking=self.ranking, rank_epochs=self.rank_epochs, batch_size=self.batch_size, nesterov=self.nesterov,
+        )
+
+    def unlearner_part(self) -> Unlearner:
+        """The unlearner this ABL runs: the one named, else the flat ``unlearning*`` fields'."""
+        if self.unlearner is not None:
+            return UNLEARNERS.create(self.unlearner, "defense.unlearner")
+        return (GGA if self.unlearning == "gga" else Ascent)(
+            epochs=self.unlearning_epochs, lr=self.unlearning_lr, epoch=self.unlearning_epoch,  # type: ignore[arg-type]
+            bn=self.unlearning_bn, carry_momentum=self.carry_momentum, ceiling=self.unlearning_ceiling,  # type: ignore[arg-type]
+            holdout=self.unlearning_holdout, select=self.unlearning_select, patience=self.unlearning_patience,  # type: ignore[arg-type]
+        )
+
+    def composition(self) -> dict[str, Any]:
+        """The detector and unlearner actually run, with every parameter (recorded)."""
+        return {"detector": to_plain(self.detector_part()), "unlearner": to_plain(self.unlearner_part())}
 
     def total_epochs(self) -> int:
-        return int(self.isolation_epochs) + int(self.recovery_epochs) + int(self.unlearning_epochs)  # type: ignore[arg-type]
+        det = self.detector_part()
+        before = det.training_epochs() + (self.backdoor.epochs if det.uses_backdoored else 0)
+        return before + int(self.recovery_epochs) + self.unlearner_part().total_epochs()  # type: ignore[arg-type]
 
     def isolate(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The lowest ``isolation_rate`` fraction of per-example ``scores``: (indices, scores),
@@ -325,20 +322,6 @@ class ABL(Defense):
         k = max(1, int(len(scores) * self.isolation_rate))
         order = torch.argsort(scores, stable=True)[:k]
         return order, scores[order]
-
-    def _rank_count(self) -> int:
-        """How many of the last isolation epochs the ranking uses."""
-        return int(self.rank_epochs) or -(-int(self.isolation_epochs) // 2)  # type: ignore[arg-type]
-
-    def _ranking_scores(self, engine: Engine, evals: list[torch.Tensor]) -> torch.Tensor:
-        """Per-example isolation scores, lowest = most suspicious (see ``ranking``)."""
-        if self.ranking == "eval":
-            return torch.stack(evals).mean(0)
-        k = self._rank_count()
-        record = torch.stack(engine.example_losses[-k:]).to(engine.device)
-        # log: an example fitted to 1e-4 is far more suspicious than one at 1e-2, which a
-        # mean of raw losses (dominated by the early, high values) would hide
-        return record.clamp_min(1e-12).log().mean(0)
 
     def run(self, engine: Engine) -> DefenseResult:
         metrics: dict[str, dict[str, float]] = {}
@@ -349,43 +332,32 @@ class ABL(Defense):
         opt = None
         if self.recovery_epochs:
             opt, metrics["recovery"] = self.run_recovery(engine, lookup)
-        if self.unlearning_epochs:
+        if self.unlearner_part().total_epochs():
             metrics["unlearning"] = self.run_unlearning(engine, lookup, opt)
         # the last stage's figures: unlearning may have restored an earlier epoch's model
         last = metrics.get("unlearning") or metrics.get("recovery") or metrics["isolation"]
         metrics["final"] = {**{k: v for k, v in last.items() if k in METRIC_KEYS}, **iso_keys}
-        return DefenseResult(metrics=metrics, isolated=isolated.cpu(), isolated_losses=scores.cpu())
+        notes: dict[str, Any] = self.composition()
+        return DefenseResult(metrics=metrics, isolated=isolated.cpu(), isolated_losses=scores.cpu(), notes=notes)
 
     def _batch_size(self, engine: Engine) -> int:
         return int(self.batch_size or engine.cfg.batch_size)
 
     def run_isolation(self, engine: Engine) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Stage 1: train with the isolation loss, rank, isolate. Returns the isolated
-        indices (most suspicious first), their scores and the stage's metrics."""
+        """Stage 1: the detector scores every example (a training detector trains phase
+        ``isolation`` first), and the ``isolation_rate`` most suspicious are isolated.
+        Returns the isolated indices (most suspicious first), their ranking scores (lowest
+        = most suspicious) and the stage's metrics."""
         t0 = time.perf_counter()
-        # in the engine's state: a resumed run needs the ranking passes made before the stop
-        evals: list[torch.Tensor] = engine.state.setdefault("isolation_evals", [])
-        k = self._rank_count()
-        first_rank = int(self.isolation_epochs) - k  # type: ignore[arg-type]
-
-        def rank(e: int) -> None:
-            if self.ranking == "eval" and e >= first_rank:
-                evals.append(engine.per_example_loss())
-
-        engine.run_phase(
-            "isolation",
-            epochs=self.isolation_epochs,  # type: ignore[arg-type]
-            lr=self.isolation_lr,  # type: ignore[arg-type]
-            objective=ISOLATION_LOSSES[self.isolation_loss](self.gamma),  # type: ignore[index]
-            shuffle=bool(self.isolation_shuffle),
-            after_epoch=rank,
-            batch_size=self._batch_size(engine),
-            nesterov=self.nesterov,
-        )
-        t_rank = time.perf_counter()
-        scores = self._ranking_scores(engine, evals)
+        det = self.detector_part()
+        if det.uses_backdoored:
+            suspicion = det.detect(engine, self.backdoor)
+            rank_s = time.perf_counter() - t0
+        else:
+            suspicion = det.detect(engine)
+            rank_s = float(getattr(det, "rank_seconds", 0.0))
+        scores = -suspicion.to(engine.device)
         isolated, isolated_scores = self.isolate(scores)
-        rank_s = time.perf_counter() - t_rank
         iso = isolation_metrics(isolated, engine.data.poison_mask)
         evidence = isolation_evidence(scores, isolated, engine.data.labels)
         evidence["iso_weak"] = float(evidence["iso_separation"] < self.min_separation)
@@ -397,7 +369,11 @@ class ABL(Defense):
                 "clean accuracy. Check the loss curves in the report.",
                 stacklevel=2,
             )
-        stage = {**phase_metrics(engine), **iso, **evidence, "stage_s": time.perf_counter() - t0, "rank_s": rank_s}
+        if engine.history:
+            model_metrics = phase_metrics(engine)
+        else:  # a cached backdoored model: nothing was trained in this run
+            model_metrics = {k: float(v) for k, v in engine.evaluate(full=True).items() if k in METRIC_KEYS}
+        stage = {**model_metrics, **iso, **evidence, "stage_s": time.perf_counter() - t0, "rank_s": rank_s}
         return isolated, isolated_scores, stage
 
     def run_recovery(self, engine: Engine, lookup: torch.Tensor) -> tuple[torch.optim.Optimizer, dict[str, float]]:
@@ -422,129 +398,15 @@ class ABL(Defense):
         return opt, {**phase_metrics(engine), "stage_s": time.perf_counter() - t0}
 
     def split_holdout(self, isolated: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(unlearned, held out): a seeded ``unlearning_holdout`` share of ``isolated`` kept
-        out of unlearning. Nothing is held out when either part would be empty."""
-        isolated = isolated.sort().values  # the split depends on the set, not its order
-        n_hold = int(round(float(self.unlearning_holdout) * len(isolated)))  # type: ignore[arg-type]
-        if n_hold < 1 or n_hold >= len(isolated):
-            return isolated, isolated[:0]
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(len(isolated), generator=g).to(isolated.device)
-        return isolated[perm[n_hold:]], isolated[perm[:n_hold]]
+        """(unlearned, held out): a seeded ``unlearning_holdout`` share of ``isolated``."""
+        return split_holdout(isolated, float(self.unlearning_holdout), seed)  # type: ignore[arg-type]
 
     def run_unlearning(
         self, engine: Engine, lookup: torch.Tensor, recovery_opt: torch.optim.Optimizer | None = None
     ) -> dict[str, float]:
-        """Stage 2b: unlearn the isolated examples (``lookup`` marks them).
-
-        Records ``iso_fit_before`` / ``iso_fit_after``: the model's accuracy on the unlearned
-        examples' own training labels, and ``iso_heldout_fit_before`` / ``_after`` on the
-        held-out suspects (``unlearning_holdout``). None needs ground truth. The unlearned
-        examples can be memorised (their fit reached 0% at full scale while ASR stayed at
-        75%), so when suspects are held out they decide ``unlearn_weak`` (fit above 0.5
-        after unlearning: the run warns that the link was not cut).
-        """
-        t0 = time.perf_counter()
-        bs = self._batch_size(engine)
-        isolated = lookup.nonzero().squeeze(1)
-        unlearned, held = self.split_holdout(isolated, engine.seed)
-        if self.unlearning_holdout and not len(held):
-            warnings.warn(
-                f"ABL: {len(isolated)} isolated examples are too few to hold "
-                f"{self.unlearning_holdout:.0%} out; unlearning all of them and keeping the last epoch",
-                stacklevel=2,
-            )
-        elif 0 < len(held) < MIN_FIRM_HOLDOUT:
-            warnings.warn(
-                f"ABL: the held-out check of unlearning rests on {len(held)} suspects only; with so few "
-                "it can read 0% fitted while the backdoor still works (measured: 4 suspects, sticker ASR "
-                "49%). Raise isolation_rate or unlearning_holdout for a firmer check.",
-                stacklevel=2,
-            )
-        unlearn_lookup = torch.zeros_like(lookup)
-        unlearn_lookup[unlearned] = True
-        ceiling = self.unlearning_ceiling
-        if ceiling is not None and math.isinf(ceiling):
-            ceiling = None
-        cap = ceiling if ceiling is not None else 10.0
-
-        def held_score() -> tuple[float, float]:
-            correct, losses = engine.train_fit(held)
-            return float(correct.float().mean()), float(losses.clamp_max(cap).mean())
-
-        # measured on the recovered model, and kept in the engine's state with the best epoch
-        # so far: a run resumed mid-unlearning cannot measure them again
-        saved = engine.state.setdefault("unlearning", {})
-        if "fit_before" not in saved:
-            saved["fit_before"] = engine.train_accuracy(unlearned)
-            saved["held_before"] = held_score()[0] if len(held) else None
-        fit_before, held_before = saved["fit_before"], saved["held_before"]
-        select = self.unlearning_select == "heldout" and len(held) > 0
-        best: dict = saved.setdefault("best", {"key": None, "epoch": 0, "state": None, "fit": None})
-
-        def watch(e: int) -> bool:
-            fit, loss = held_score()
-            # the per-epoch curves: held-out suspects, and the unlearned ones for comparison
-            engine.history[-1].update(heldout_fit=fit, heldout_loss=loss, unlearned_fit=engine.train_accuracy(unlearned))
-            if not select:
-                return False
-            key = [fit, -loss]
-            if best["key"] is None or key < best["key"]:
-                best.update(key=key, epoch=e, fit=fit, state={k: v.detach().clone() for k, v in engine.model.state_dict().items()})
-            return bool(self.unlearning_patience) and e - best["epoch"] >= int(self.unlearning_patience)  # type: ignore[arg-type]
-
-        clean_index = (~lookup).nonzero().squeeze(1)  # held-out suspects are in neither set
-        common = dict(
-            epochs=self.unlearning_epochs,
-            lr=self.unlearning_lr,
-            optimizer=recovery_opt if self.carry_momentum else None,
-            batch_size=bs,
-            nesterov=self.nesterov,
-            freeze_bn={"train": False, "fixed_stats": "stats", "frozen": True}[self.unlearning_bn],  # type: ignore[index]
-            after_epoch=watch if len(held) else None,
-        )
-        n_before = len(engine.history)
-        if self.unlearning == "gga":
-            over_clean = self.unlearning_epoch == "clean"
-            engine.run_phase(
-                "unlearning",
-                objective=gga_objective(unlearn_lookup, ceiling),
-                index=clean_index if over_clean else unlearned,
-                paired=unlearned if over_clean else clean_index,
-                paired_batch_size=bs,
-                **common,  # type: ignore[arg-type]
-            )
-        else:
-            engine.run_phase("unlearning", objective=ascent_objective(ceiling), index=unlearned, **common)  # type: ignore[arg-type]
-        epochs_run = len(engine.history) - n_before
-        if select and best["state"] is not None and best["epoch"] != epochs_run - 1:
-            engine.model.load_state_dict(best["state"])
-            final = {k: float(v) for k, v in engine.evaluate(full=True).items() if k in METRIC_KEYS}
-        else:
-            final = phase_metrics(engine) if "clean_acc" in engine.history[-1] else {
-                k: float(v) for k, v in engine.evaluate(full=True).items() if k in METRIC_KEYS
-            }
-        fit_after = engine.train_accuracy(unlearned)
-        held_after = held_score()[0] if len(held) else None
-        decisive = held_after if held_after is not None else fit_after
-        if decisive > 0.5:
-            which = "held-out suspects" if held_after is not None else "isolated examples"
-            warnings.warn(
-                f"ABL: unlearning did not cut the {which}' link to their labels: the model still fits "
-                f"{decisive:.0%} of them (before unlearning: {held_before if held_after is not None else fit_before:.0%}); "
-                "raise unlearning_epochs or unlearning_lr, or check the isolation evidence.",
-                stacklevel=2,
-            )
-        out = {
-            **final, "iso_fit_before": fit_before, "iso_fit_after": fit_after,
-            "unlearn_weak": float(decisive > 0.5), "unlearn_epochs_run": float(epochs_run),
-            "stage_s": time.perf_counter() - t0,
-        }
-        if held_after is not None:
-            out.update(iso_heldout_fit_before=held_before, iso_heldout_fit_after=held_after, iso_heldout_count=float(len(held)))
-        if select:
-            out["unlearn_epoch_kept"] = float(best["epoch"] + 1)
-        return out
+        """Stage 2b: the unlearner on the isolated examples (``lookup`` marks them)."""
+        ctx = UnlearnContext(lookup.nonzero().squeeze(1), recovery_opt, self._batch_size(engine), self.nesterov)
+        return self.unlearner_part().unlearn(engine, ctx)
 
 
 def isolation_evidence(scores: torch.Tensor, isolated: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,7 +23,8 @@ class DefenseResult:
     metrics: dict[str, dict[str, float]]
     isolated: torch.Tensor | None = None
     isolated_losses: torch.Tensor | None = None
-    notes: dict[str, str] = field(default_factory=dict)
+    #: what the run should record beside its metrics (saved as the run's ``notes.json``)
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 class Defense:

@@ -1,7 +1,11 @@
 """The detector template: score every training example for suspicion.
 
-A detector looks at the poisoned training set through a model trained on it (the
-backdoored model) and gives every example a score, higher = more suspicious; the
+Two kinds. A *model-based* detector (activation clustering, spectral signatures) looks at
+the poisoned training set through a model trained on it without defense (the backdoored
+model, a cached stage: :func:`abl.stages.backdoored_model`). A *training* detector (ABL's
+LGA, flooding, plain cross-entropy, label smoothing: :mod:`abl.detectors.loss`) trains
+its own model on the poisoned set with its loss and ranks the examples by how well they
+are fitted. Either way every example gets a score, higher = more suspicious, and the
 isolated set is the top fraction of the scores (:func:`isolate`). Scores are only
 compared with each other, so a detector may use any scale, but they must be finite and
 comparable across classes, because the isolated set is taken over the whole training set.
@@ -11,9 +15,15 @@ from __future__ import annotations
 
 import torch
 
+from typing import TYPE_CHECKING, ClassVar
+
 from abl.data.loader import to_float
 from abl.data.types import PoisonedSet
 from abl.registry import Registry
+
+if TYPE_CHECKING:
+    from abl.engine import Engine
+    from abl.stages import BackdoorSchedule
 
 DETECTORS: Registry = Registry("detector")
 
@@ -25,9 +35,28 @@ class Detector:
     ``validate()``), registered with ``@DETECTORS.register(name)``.
     """
 
+    #: True: :meth:`detect` scores with the cached backdoored model; False: it trains
+    uses_backdoored: ClassVar[bool] = True
+
     def score(self, model: torch.nn.Module, data: PoisonedSet, *, batch_size: int = 1024) -> torch.Tensor:
         """Suspicion scores, float ``(N,)`` on the CPU, finite, higher = more suspicious."""
         raise NotImplementedError
+
+    def training_epochs(self) -> int:
+        """Epochs :meth:`detect` trains (a model-based detector: none of its own)."""
+        return 0
+
+    def detect(self, engine: Engine, backdoor: BackdoorSchedule | None = None) -> torch.Tensor:
+        """Scores for ``engine.data``; ``engine.model`` is left as the model that scored them.
+
+        A model-based detector first puts the backdoored model into the engine (trained
+        with ``backdoor``, or read from the stage cache); call it on the freshly
+        initialised model, whose weights are part of the cache key.
+        """
+        from abl.stages import BackdoorSchedule, backdoored_model
+
+        backdoored_model(engine, backdoor or BackdoorSchedule())
+        return self.score(engine.model, engine.data, batch_size=engine.cfg.eval_batch_size)
 
 
 @torch.no_grad()
