@@ -35,6 +35,13 @@ def mean_loss(losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return losses.mean()
 
 
+def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """Per-example label-smoothed cross-entropy, ``eps`` one value or one per example:
+    ``(1 - eps) * CE(y) + eps * mean_k CE(k)`` (Szegedy et al., CVPR 2016)."""
+    logp = torch.log_softmax(logits, 1)
+    return -(1 - eps) * logp.gather(1, y[:, None]).squeeze(1) - eps * logp.mean(1)
+
+
 @dataclass
 class TrainConfig:
     """Settings of the training engine shared by every phase.
@@ -247,6 +254,31 @@ class Engine:
         self._catch_up(ck, opt, loader)
         return int(ck["phase_epoch"]) + 1
 
+    def adopt_phases(self, phases: list[str], history: list[dict], example_losses: torch.Tensor) -> None:
+        """Take phases trained elsewhere (a cached stage) as if this run had trained them:
+        their history and loss record become this run's, and the phase count moves on, so
+        the phases after them get the same data order as in a run that trained them."""
+        ordinal = self._phase_count
+        for name in phases:
+            ordinal += 1
+            if len(self._phases) < ordinal:
+                self._phases.append(name)
+        self._phase_count = ordinal
+        if self._resume is not None and self._resume["phase_ordinal"] > ordinal:
+            return  # resuming a later phase: its checkpoint holds these records already
+        self.history = [dict(r) for r in history]
+        self.example_losses = list(example_losses.unbind(0)) if len(history) else []
+        self.epoch = len(history)
+        if self.on_epoch is not None:  # the run's own log shows them like trained epochs
+            for record in self.history:
+                self.on_epoch(record)
+        ends, n = [], 0
+        for name in phases:  # each phase's records follow the previous phase's
+            while n < len(history) and history[n]["phase"] == name:
+                n += 1
+            ends.append(n)
+        self._phase_ends = ends
+
     # -- building blocks -------------------------------------------------------------
     def replace_model(self, model: torch.nn.Module) -> None:
         """Train and evaluate ``model`` from now on (e.g. an unlearner's pretrained network)."""
@@ -420,9 +452,7 @@ class Engine:
                 losses = F.cross_entropy(logits.float(), y, reduction="none")
                 if per_example_smoothing or float(smoothing) > 0:
                     eps = smoothing[idx] if per_example_smoothing else smoothing  # type: ignore[index]
-                    # (1 - eps) * CE + eps * CE against the uniform distribution
-                    uniform = -torch.log_softmax(logits.float(), 1).mean(1)
-                    loss = objective((1 - eps) * losses + eps * uniform, idx)
+                    loss = objective(smoothed_cross_entropy(logits.float(), y, eps), idx)
                 else:
                     loss = objective(losses, idx)
                 opt.zero_grad(set_to_none=True)

@@ -117,6 +117,21 @@ def backdoored_model(engine: Engine, schedule: BackdoorSchedule) -> dict[str, An
     return {**info, "metrics": metrics}
 
 
+def stage_path(engine: Engine, kind: str, key: str) -> Path | None:
+    """Where stage ``kind`` with ``key`` is cached (None: the engine caches nothing)."""
+    return engine.stage_dir / f"{kind}-{key}.safetensors" if engine.stage_dir is not None else None
+
+
+def write_stage(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Cache a stage: tensors as safetensors, ``meta`` (JSON-able) in its header."""
+    _write(path, tensors, meta)
+
+
+def read_stage(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A cached stage's tensors and meta; a clear error when the file is unreadable."""
+    return _read(path)
+
+
 def _write(path: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     from safetensors.torch import save
 

@@ -157,3 +157,30 @@ def test_isolation_objectives_values():
     # per-example LGA pushes an example below gamma up, one above it down
     lga_objective(0.5)(losses, idx).backward()
     assert losses.grad[0] < 0 and losses.grad[3] > 0
+
+
+def test_smoothed_cross_entropy_matches_torch_and_takes_one_value_per_example():
+    from abl.engine import smoothed_cross_entropy
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(32, 10) * 3, torch.randint(0, 10, (32,))
+    for eps in (0.0, 0.2, 0.4):
+        want = F.cross_entropy(logits, y, label_smoothing=eps, reduction="none")
+        assert torch.allclose(smoothed_cross_entropy(logits, y, eps), want, atol=1e-6)
+    per = torch.where(torch.arange(32) < 16, 0.4, 0.0)
+    got = smoothed_cross_entropy(logits, y, per)
+    assert torch.allclose(got[:16], F.cross_entropy(logits[:16], y[:16], label_smoothing=0.4, reduction="none"), atol=1e-6)
+    assert torch.allclose(got[16:], F.cross_entropy(logits[16:], y[16:], reduction="none"), atol=1e-6)
+
+
+def test_phase_smoothing_changes_the_objective_not_the_loss_record(digits_poisoned):
+    records = []
+    for smoothing in (0.0, 0.3, "per-example"):
+        engine = make_engine(digits_poisoned, eval_every=0)
+        eps = torch.full((len(engine.data),), 0.3) if smoothing == "per-example" else smoothing
+        seen = []
+        engine.run_phase("p", epochs=1, lr=1e-9, smoothing=eps, objective=lambda l, i: seen.append(l.detach()) or l.mean())
+        records.append((torch.cat(seen), engine.loss_matrix()[0]))
+    assert torch.allclose(records[0][1], records[1][1]), "the loss record is plain cross-entropy"
+    assert not torch.allclose(records[0][0], records[1][0]), "the objective sees the smoothed loss"
+    assert torch.allclose(records[1][0], records[2][0]), "one value or one per example: the same"

@@ -111,3 +111,80 @@ def test_a_run_stopped_in_the_stage_resumes_it(tmp_path, first):
     assert resumed.final_metrics["iso_precision"] == rec.final_metrics["iso_precision"]
     a, b = rec.tensors("model"), resumed.tensors("model")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- the isolation stage (ABL with ``cache_stages``): one isolation, many unlearners -------
+
+ABL = {"name": "abl", "isolation_epochs": 4, "isolation_lr": 0.05, "recovery_epochs": 2, "recovery_lr": 0.05,
+       "unlearning_epochs": 3, "isolation_rate": 0.05}
+
+
+def _abl(tmp_path, cache, defense: dict, **kw):
+    return _run(tmp_path, cache, {"defense": defense}, **kw)
+
+
+@pytest.fixture(scope="module")
+def isolated_first(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("iso-first")
+    cache = tmp / "cache"
+    return _abl(tmp, cache, {**ABL, "cache_stages": True}), cache, tmp
+
+
+def test_an_unlearner_run_on_a_cached_isolation_trains_only_its_unlearning(isolated_first, tmp_path):
+    rec, cache, _ = isolated_first
+    assert rec.metrics["isolation"]["stage_hit"] == 0.0
+    (stage,) = list((cache / "stages").glob("isolated-*.safetensors"))
+    other = _abl(tmp_path, cache, {**ABL, "cache_stages": True, "unlearner": {"name": "finetune_all", "epochs": 2}})
+    assert other.metrics["isolation"]["stage_hit"] == 1.0
+    assert other.json("stages")["isolated"] == {"key": rec.json("stages")["isolated"]["key"], "hit": True}
+    phases = [h["phase"] for h in other.history()]
+    assert phases == ["isolation"] * 4 + ["recovery"] * 2 + ["unlearning"] * 2, "the cached phases are in its record"
+    assert sum(h["time_s"] for h in other.history()[:6]) == pytest.approx(sum(h["time_s"] for h in rec.history()[:6]))
+    assert (other.array("isolated_indices") == rec.array("isolated_indices")).all()
+    for k in ("iso_precision", "iso_separation"):
+        assert other.metrics["isolation"][k] == rec.metrics["isolation"][k]
+    assert other.json("notes")["unlearner"]["name"] == "finetune_all"
+
+
+def test_a_cached_isolation_ends_exactly_as_an_uncached_run(isolated_first, tmp_path):
+    """The phase count and data order after a cached stage are those of a run that trained
+    it: the same config with and without the cache gives bit-identical weights."""
+    rec, cache, _ = isolated_first
+    hit = _abl(tmp_path, cache, {**ABL, "cache_stages": True})
+    assert hit.metrics["isolation"]["stage_hit"] == 1.0
+    plain = _abl(tmp_path, tmp_path / "no-cache", ABL)
+    assert "isolation" in plain.metrics and "stage_hit" not in plain.metrics["isolation"], "not cached by default"
+    for other in (hit, plain):
+        a, b = rec.tensors("model"), other.tensors("model")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert other.final_metrics["asr"] == rec.final_metrics["asr"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"recovery_lr": 0.02}, {"isolation_rate": 0.02}, {"gamma": 0.3}, {"detector": {"name": "cross_entropy", "epochs": 4}}],
+)
+def test_a_changed_isolation_input_isolates_again(isolated_first, tmp_path, change):
+    rec, cache, _ = isolated_first
+    other = _abl(tmp_path, cache, {**ABL, "cache_stages": True, **change})
+    assert other.metrics["isolation"]["stage_hit"] == 0.0, change
+    assert other.json("stages")["isolated"]["key"] != rec.json("stages")["isolated"]["key"]
+
+
+def test_a_run_on_a_cached_isolation_resumes_mid_unlearning(isolated_first, tmp_path):
+    rec, cache, _ = isolated_first
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def stop(record):
+        if record["phase"] == "unlearning" and record["phase_epoch"] == 1:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        _abl(tmp_path, cache, {**ABL, "cache_stages": True}, on_epoch=stop)
+    (stopped,) = RunStore(tmp_path / "runs").list_runs()
+    resumed = resume_experiment(stopped.run_id, RunStore(tmp_path / "runs"))
+    assert [h["phase"] for h in resumed.history()] == [h["phase"] for h in rec.history()]
+    a, b = rec.tensors("model"), resumed.tensors("model")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -202,6 +202,12 @@ class ABL(Defense):
             ``unlearning*`` fields; null: the unlearning those fields describe.
         backdoor: the no-defense schedule of the backdoored model a model-based detector
             scores with (the paper's: 100 epochs, lr 0.1, /10 at 20 and 70).
+        cache_stages: cache the isolation result (the model after isolation and recovery,
+            every example's score, the history) under the hash of everything that decides
+            it, and reuse it in any later run that shares those inputs, e.g. every
+            unlearner of Table 8 on one isolation. Off by default, so that a run's stage
+            timings are its own. Not with ``carry_momentum`` after recovery (the optimizer
+            state is not cached).
     """
 
     preset: Literal["default", "paper", "official"] = "default"
@@ -237,6 +243,7 @@ class ABL(Defense):
     detector: dict[str, Any] | None = None
     unlearner: dict[str, Any] | None = None
     backdoor: BackdoorSchedule = field(default_factory=BackdoorSchedule)
+    cache_stages: bool = False
 
     def validate(self) -> None:
         from_preset = set()
@@ -325,13 +332,21 @@ class ABL(Defense):
 
     def run(self, engine: Engine) -> DefenseResult:
         metrics: dict[str, dict[str, float]] = {}
-        isolated, scores, metrics["isolation"] = self.run_isolation(engine)
-        iso_keys = {k: v for k, v in metrics["isolation"].items() if k.startswith("iso_")}
-        lookup = torch.zeros(len(engine.data), dtype=torch.bool, device=engine.device)
-        lookup[isolated] = True
         opt = None
-        if self.recovery_epochs:
-            opt, metrics["recovery"] = self.run_recovery(engine, lookup)
+        cached = self._cached_isolation(engine)
+        if cached is not None:
+            isolated, scores, stage_metrics = cached
+            metrics.update(stage_metrics)
+            lookup = torch.zeros(len(engine.data), dtype=torch.bool, device=engine.device)
+            lookup[isolated] = True
+        else:
+            isolated, scores, metrics["isolation"] = self.run_isolation(engine)
+            lookup = torch.zeros(len(engine.data), dtype=torch.bool, device=engine.device)
+            lookup[isolated] = True
+            if self.recovery_epochs:
+                opt, metrics["recovery"] = self.run_recovery(engine, lookup)
+            self._store_isolation(engine, metrics)
+        iso_keys = {k: v for k, v in metrics["isolation"].items() if k.startswith("iso_")}
         if self.unlearner_part().total_epochs():
             metrics["unlearning"] = self.run_unlearning(engine, lookup, opt)
         # the last stage's figures: unlearning may have restored an earlier epoch's model
@@ -357,6 +372,7 @@ class ABL(Defense):
             suspicion = det.detect(engine)
             rank_s = float(getattr(det, "rank_seconds", 0.0))
         scores = -suspicion.to(engine.device)
+        self._scores = scores  # every example's, for the stage cache
         isolated, isolated_scores = self.isolate(scores)
         iso = isolation_metrics(isolated, engine.data.poison_mask)
         evidence = isolation_evidence(scores, isolated, engine.data.labels)
@@ -396,6 +412,70 @@ class ABL(Defense):
             nesterov=self.nesterov,
         )
         return opt, {**phase_metrics(engine), "stage_s": time.perf_counter() - t0}
+
+    # -- the isolation stage, shared between runs (``cache_stages``) ----------------------
+    def _isolation_spec(self, engine: Engine) -> dict[str, Any] | None:
+        """Everything (beyond data, initial weights and engine settings) that decides the
+        isolation stage; None when it cannot be cached."""
+        if not self.cache_stages:
+            return None
+        unlearner = self.unlearner_part()
+        if self.recovery_epochs and getattr(unlearner, "carry_momentum", False):
+            return None
+        det = self.detector_part()
+        return {
+            "detector": to_plain(det),
+            "isolation_rate": self.isolation_rate,
+            "backdoor": to_plain(self.backdoor) if det.uses_backdoored else None,
+            "recovery": {f: to_plain(getattr(self, f)) for f in (
+                "recovery_epochs", "recovery_lr", "recovery_milestones", "recovery_lr_factor", "recovery_data",
+                "recovery_augment", "recovery_cutout", "recovery_cutout_span")},
+            "batch_size": self._batch_size(engine),
+            "nesterov": self.nesterov,
+        }
+
+    def _cached_isolation(self, engine: Engine) -> tuple[torch.Tensor, torch.Tensor, dict[str, dict[str, float]]] | None:
+        """The isolation stage from the cache, put into ``engine`` (model, history, loss
+        record); None on a miss (then it is trained and stored) or when not caching. The
+        decision is kept in ``engine.state`` so a resumed run makes the same one."""
+        from abl.stages import read_stage, stage_key, stage_path
+
+        spec = self._isolation_spec(engine)
+        if spec is None or engine.stage_dir is None:
+            return None
+        stages = engine.state.setdefault("stages", {})
+        if "isolated" not in stages:
+            key = stage_key("isolated", engine, spec)
+            path = stage_path(engine, "isolated", key)
+            stages["isolated"] = {"key": key, "hit": bool(path is not None and path.is_file())}
+        info = stages["isolated"]
+        if not info["hit"]:
+            return None
+        t0 = time.perf_counter()
+        tensors, meta = read_stage(stage_path(engine, "isolated", info["key"]))  # type: ignore[arg-type]
+        engine.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        engine.adopt_phases(meta["phases"], meta["history"], tensors["example_losses"])
+        scores = tensors["scores"].to(engine.device)
+        isolated, isolated_scores = self.isolate(scores)
+        metrics = {k: dict(v) for k, v in meta["metrics"].items()}
+        iso = metrics["isolation"]
+        iso["iso_weak"] = float(iso["iso_separation"] < self.min_separation)
+        iso.update(stage_hit=1.0, stage_load_s=time.perf_counter() - t0)
+        return isolated, isolated_scores, metrics
+
+    def _store_isolation(self, engine: Engine, metrics: dict[str, dict[str, float]]) -> None:
+        from abl.stages import _engine_settings, stage_path, write_stage
+
+        info = engine.state.get("stages", {}).get("isolated")
+        if info is None or info["hit"] or engine.stage_dir is None:
+            return
+        metrics["isolation"]["stage_hit"] = 0.0
+        tensors = {f"model.{k}": v for k, v in engine.model.state_dict().items()}
+        tensors.update(scores=self._scores.detach().cpu().float(), example_losses=engine.loss_matrix())
+        write_stage(stage_path(engine, "isolated", info["key"]), tensors, {  # type: ignore[arg-type]
+            "spec": self._isolation_spec(engine), "engine": _engine_settings(engine), "phases": list(engine._phases),
+            "history": engine.history, "metrics": metrics,
+        })
 
     def split_holdout(self, isolated: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(unlearned, held out): a seeded ``unlearning_holdout`` share of ``isolated``."""
