@@ -98,3 +98,13 @@ def single_attack_label(triggered: TriggeredTestSet) -> int | None:
     if len(labels) == 0 or not bool((labels == labels[0]).all()):
         return None
     return int(labels[0])
+
+
+#: the evaluation metrics a defense reports after each phase
+METRIC_KEYS = ("clean_acc", "clean_acc_nontarget", "asr", "robust_acc")
+
+
+def phase_metrics(engine) -> dict[str, float]:  # noqa: ANN001  (an Engine; no import cycle)
+    """The full evaluation recorded at the last epoch of the phase just run."""
+    last = engine.history[-1]
+    return {k: float(last[k]) for k in METRIC_KEYS if k in last}

@@ -36,7 +36,7 @@ from abl.errors import StoreError
 from abl.store import FINISHED, RunRecord, RunStore
 
 MISSING = "–"
-RATE_METRICS = ("clean_acc", "clean_acc_nontarget", "asr", "robust_acc", "iso_precision", "iso_recall",
+RATE_METRICS = ("clean_acc", "clean_acc_nontarget", "asr", "robust_acc", "iso_precision", "iso_recall", "iso_auprc",
                 "iso_top_label_share", "iso_fit_before", "iso_fit_after", "iso_heldout_fit_before",
                 "iso_heldout_fit_after", "fit_clean_acc", "fit_backdoor_acc", "fit_cross_acc")
 METRIC_LABELS = {
@@ -60,6 +60,9 @@ METRIC_LABELS = {
     "poison_s": "Poisoning time (s)",
     "stage_s": "Stage time (s)",
     "rank_s": "Ranking time (s)",
+    "iso_auprc": "Isolation AUPRC",
+    "stage_hit": "Stage from cache",
+    "stage_load_s": "Stage load time (s)",
 }
 DEFAULT_COLUMNS = ["run", "dataset", "model", "attack", "defense", "status",
                    "clean_acc", "asr", "robust_acc", "iso_precision", "iso_recall", "wall_s"]
@@ -496,6 +499,156 @@ def _run_section(rec: RunRecord, out_dir: Path) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------- comparisons
+
+
+def _notes(rec: RunRecord) -> dict[str, Any]:
+    try:
+        notes = rec.json("notes")
+    except StoreError:
+        return {}
+    return notes if isinstance(notes, dict) else {}
+
+
+def _detector_label(spec: dict[str, Any]) -> str:
+    """A detector's name, with the parameter that tells its variants apart."""
+    name = str(spec.get("name"))
+    if name == "label_smoothing":
+        return f"label_smoothing {spec.get('smoothing_value')}"
+    if name in ("lga", "lga_batch", "flooding", "abl_default") and spec.get("gamma") not in (None, 0.5):
+        return f"{name} gamma={spec.get('gamma')}"
+    return name
+
+
+def detector_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
+    """One row per finished run that isolated with a known detector (the ``detect``
+    defense, or ABL, whose ``notes.json`` names the detector it ran): attack, detector,
+    precision / recall at the isolated fraction and the AUPRC of all scores."""
+    rows = []
+    for rec in records:
+        if rec.status != FINISHED:
+            continue
+        defense = rec.config.get("defense") or {}
+        spec = defense.get("detector") if defense.get("name") == "detect" else _notes(rec).get("detector")
+        final = rec.final_metrics
+        if not isinstance(spec, dict) or "iso_precision" not in final:
+            continue
+        rows.append({"run": rec.run_id, "attack": rec.attack or "none", "detector": _detector_label(spec),
+                     "defense": defense.get("name"), "precision": final.get("iso_precision"),
+                     "recall": final.get("iso_recall"), "auprc": final.get("iso_auprc"), "count": final.get("iso_count")})
+    return rows
+
+
+def plot_detector_bars(rows: list[dict[str, Any]], path: Path) -> None:
+    """The ABL paper's Figure 7: precision of the isolated examples, per detector (bars)
+    per attack (groups); several seeds of one cell are averaged, their range drawn."""
+    attacks = sorted({r["attack"] for r in rows})
+    detectors = sorted({r["detector"] for r in rows})
+    fig = _new_figure(max(6.0, 1.2 * len(attacks) * max(1, len(detectors)) / 3 + 2), 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(detectors)
+    for j, det in enumerate(detectors):
+        xs, means, errs = [], [], [[], []]
+        for i, att in enumerate(attacks):
+            vals = [100 * r["precision"] for r in rows if r["attack"] == att and r["detector"] == det
+                    and not _is_nan(r["precision"])]
+            if not vals:
+                continue
+            m = float(np.mean(vals))
+            xs.append(i - 0.4 + width * (j + 0.5))
+            means.append(m)
+            errs[0].append(m - min(vals))
+            errs[1].append(max(vals) - m)
+        ax.bar(xs, means, width, yerr=errs if any(errs[1]) else None, label=det, capsize=2)
+    ax.set_xticks(range(len(attacks)), attacks)
+    ax.set_ylabel("precision of isolated (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, ncols=min(4, len(detectors)), loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def unlearner_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
+    """One row per finished ABL run with an unlearning stage: the unlearner (from
+    ``notes.json``), CA/ASR of the model it started from and after it, its time, and
+    whether the isolation before it came from the stage cache (the paper's Table 8)."""
+    rows = []
+    for rec in records:
+        if rec.status != FINISHED or "unlearning" not in rec.metrics:
+            continue
+        spec = _notes(rec).get("unlearner")
+        if not isinstance(spec, dict):
+            continue
+        from abl.unlearning import UNLEARNERS
+
+        cls = UNLEARNERS.get(str(spec.get("name"))) if spec.get("name") in UNLEARNERS else None
+        start = rec.metrics.get("recovery") or rec.metrics.get("isolation") or {}
+        after = rec.metrics["unlearning"]
+        rows.append({"run": rec.run_id, "attack": rec.attack or "none", "unlearner": str(spec.get("name")),
+                     "label": _unlearner_label(spec, cls),
+                     "type": getattr(cls, "method_type", MISSING),
+                     "discards": getattr(cls, "discards_isolated", None),
+                     "start_asr": start.get("asr"), "start_ca": start.get("clean_acc"),
+                     "asr": after.get("asr"), "clean_acc": after.get("clean_acc"), "stage_s": after.get("stage_s"),
+                     "isolation_cached": rec.metrics.get("isolation", {}).get("stage_hit"),
+                     "isolation_s": sum(rec.metrics.get(p, {}).get("stage_s", 0.0) for p in ("isolation", "recovery"))})
+    return rows
+
+
+def _unlearner_label(spec: dict[str, Any], cls: type | None) -> str:
+    """The unlearner's name and the parameters where it differs from its defaults (the
+    weights file aside), so two configurations of one method stay apart."""
+    name = str(spec.get("name"))
+    if cls is None:
+        return name
+    defaults = {k: v for k, v in vars(cls()).items() if not k.startswith("_")}
+    diff = [f"{k}={v}" for k, v in spec.items() if k not in ("name", "weights") and k in defaults and defaults[k] != v]
+    return f"{name} ({', '.join(diff)})" if diff else name
+
+
+def comparison_sections(records: list[RunRecord], out_dir: Path) -> list[str]:
+    """Figure 7 (detectors) and Table 8 (unlearners) from the runs that have them."""
+    from abl.paper import TABLE8, TABLE8_BACKDOORED, TABLE8_SOURCE
+
+    lines: list[str] = []
+    det = detector_rows(records)
+    if len({r["detector"] for r in det}) > 1:
+        png = out_dir / "detectors.png"
+        plot_detector_bars(det, png)
+        lines += ["## Isolation by detector (the ABL paper's Figure 7)", "",
+                  "Precision and recall of the isolated examples, and the area under the precision-recall "
+                  "curve of every example's score (independent of the isolated fraction; a random ranking "
+                  "scores the poison rate).", "",
+                  "| attack | detector | defense | precision | recall | AUPRC | isolated | run |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(det, key=lambda r: (r["attack"], r["detector"])):
+            lines.append(f"| {_md(r['attack'])} | {_md(r['detector'])} | {_md(r['defense'])} | {fmt_rate(r['precision'])} "
+                         f"| {fmt_rate(r['recall'])} | {fmt_rate(r['auprc'])} | {fmt_number(r['count'])} | `{r['run']}` |")
+        lines += ["", f"![Isolation precision by detector]({png.name})", ""]
+    unl = unlearner_rows(records)
+    if len(unl) > 1:
+        lines += ["## Unlearning methods (the ABL paper's Table 8)", "",
+                  f"Ours beside the paper's ({TABLE8_SOURCE}; their backdoored model: ASR "
+                  f"{TABLE8_BACKDOORED['asr']:.2f}%, CA {TABLE8_BACKDOORED['clean_acc']:.2f}%). "
+                  "Start: the model the isolation (and recovery) left, which every unlearner starts from.", "",
+                  "| unlearner | type | discards D_b | start ASR | start CA | ASR | CA | paper ASR | paper CA "
+                  "| unlearning time | isolation | run |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        order = list(TABLE8) + ["ascent"]
+        for r in sorted(unl, key=lambda r: (r["attack"], order.index(r["unlearner"]) if r["unlearner"] in order else 99)):
+            paper = TABLE8.get(r["unlearner"], {})
+            discard = {True: "yes", False: "no"}.get(r["discards"], MISSING)  # type: ignore[arg-type]
+            cached = r["isolation_cached"]
+            iso = "cached" if cached == 1.0 else f"trained ({fmt_seconds(r['isolation_s'])})"
+            pa = f"{paper['asr']:.2f}%" if "asr" in paper else MISSING
+            pc = f"{paper['clean_acc']:.2f}%" if "clean_acc" in paper else MISSING
+            lines.append(f"| {_md(r['label'])} | {r['type']} | {discard} | {fmt_rate(r['start_asr'])} | "
+                         f"{fmt_rate(r['start_ca'])} | {fmt_rate(r['asr'])} | {fmt_rate(r['clean_acc'])} | {pa} | {pc} | "
+                         f"{fmt_seconds(r['stage_s'])} | {iso} | `{r['run']}` |")
+        lines.append("")
+    return lines
+
+
 def write_report(store: RunStore, run_ids: list[str], out_dir: Path, title: str = "abl report") -> Path:
     """Write ``out_dir/report.md`` (table + a section per run) and its PNGs; return its path.
 
@@ -516,6 +669,7 @@ def write_report(store: RunStore, run_ids: list[str], out_dir: Path, title: str 
              f"Built from the results store `{store.root}` on {now}: {len(records)} run(s). "
              "Rates are percents; runs that did not finish show no numbers.", "",
              runs_table(records)]
+    lines += comparison_sections(records, out_dir)
     for rec in records:
         lines += _run_section(rec, out_dir)
     path = out_dir / "report.md"

@@ -216,3 +216,50 @@ def test_more_isolated_than_pictured_still_draws_the_grid_with_truth(tmp_path):
     text = write_report(store, [run.run_id], tmp_path / "r").read_text()
     assert f"]({run.run_id}-isolated.png)" in text, text
     assert "expected (K, 3, H, W)" not in text
+
+
+def _part_run(store: RunStore, defense: dict, notes: dict | None, metrics: dict, attack: str = "badnets") -> str:
+    with store.create_run({**CONFIG, "attack": {"name": attack}, "defense": defense}, name="part", seed=0) as run:
+        if notes is not None:
+            run.save_json("notes", notes)
+        run.finish(metrics, wall_s=1.0)
+    return run.run_id
+
+
+def test_report_draws_figure7_and_table8_from_the_store(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    ids = [
+        _part_run(store, {"name": "detect", "detector": {"name": "spectral_signatures"}}, None,
+                  {"final": {"iso_precision": 0.48, "iso_recall": 0.048, "iso_auprc": 0.31, "iso_count": 50.0}}),
+        _part_run(store, {"name": "detect", "detector": {"name": "label_smoothing", "smoothing_value": 0.4}}, None,
+                  {"final": {"iso_precision": 0.1, "iso_recall": 0.01, "iso_auprc": 0.12, "iso_count": 50.0}}),
+        _part_run(store, {"name": "detect", "detector": {"name": "spectral_signatures"}}, None,
+                  {"final": {"iso_precision": 0.9, "iso_recall": 0.09, "iso_auprc": 0.7, "iso_count": 50.0}}, attack="blend"),
+    ]
+    iso = {"clean_acc": 0.5, "asr": 1.0, "iso_precision": 1.0, "stage_s": 100.0}
+    rec = {"clean_acc": 0.7, "asr": 1.0, "stage_s": 50.0}
+    for name, extra, asr, hit in (("gga", {}, 0.02, 0.0), ("finetune_all", {"epochs": 5}, 0.99, 1.0)):
+        ids.append(_part_run(store, {"name": "abl"}, {"detector": {"name": "lga_batch", "gamma": 0.5},
+                                                        "unlearner": {"name": name, **extra}},
+                             {"isolation": {**iso, "stage_hit": hit}, "recovery": rec,
+                              "unlearning": {"clean_acc": 0.69, "asr": asr, "stage_s": 12.5},
+                              "final": {"clean_acc": 0.69, "asr": asr, "iso_precision": 1.0, "iso_recall": 0.1}}))
+    text = write_report(store, ids, tmp_path / "out").read_text()
+    assert "## Isolation by detector (the ABL paper's Figure 7)" in text
+    _check_png(tmp_path / "out" / "detectors.png")
+    fig7 = [line for line in text.splitlines() if line.startswith("| badnets | label_smoothing 0.4 |")]
+    assert fig7 == [f"| badnets | label_smoothing 0.4 | detect | 10.00% | 1.00% | 12.00% | 50 | `{ids[1]}` |"]
+    assert any(line.startswith("| badnets | lga_batch | abl | 100.00% |") for line in text.splitlines())
+    assert "## Unlearning methods (the ABL paper's Table 8)" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| finetune_all", "| gga"))]
+    assert len(rows) == 2, "the paper's row order: the alternatives, then ABL"
+    assert rows[1] == (f"| gga | model-based | no | 100.00% | 70.00% | 2.00% | 69.00% | 3.04% | 86.11% | 12.5 s "
+                       f"| trained (150.0 s) | `{ids[3]}` |")
+    assert rows[0] == (f"| finetune_all (epochs=5) | model-based | yes | 100.00% | 70.00% | 99.00% | 69.00% | 100.00% "
+                       f"| 85.02% | 12.5 s | cached | `{ids[4]}` |")
+
+
+def test_no_comparison_sections_without_runs_to_compare(store_with_runs, tmp_path):
+    store, ids = store_with_runs
+    text = write_report(store, list(ids.values()), tmp_path / "out").read_text()
+    assert "Figure 7" not in text and "Table 8" not in text and not (tmp_path / "out" / "detectors.png").exists()

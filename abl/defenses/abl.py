@@ -27,7 +27,7 @@ import torch
 from abl.config import check, to_plain
 from abl.data.loader import AugmentConfig
 from abl.defenses.base import DEFENSES, METRIC_KEYS, Defense, DefenseResult, phase_metrics
-from abl.detectors import DETECTORS, Detector
+from abl.detectors import DETECTORS, Detector, detection_metrics
 from abl.detectors.loss import (  # noqa: F401  (re-exported: the objectives' old home)
     ISOLATION_DETECTORS,
     TrainedIsolation,
@@ -375,6 +375,7 @@ class ABL(Defense):
         self._scores = scores  # every example's, for the stage cache
         isolated, isolated_scores = self.isolate(scores)
         iso = isolation_metrics(isolated, engine.data.poison_mask)
+        iso["iso_auprc"] = detection_metrics(suspicion, engine.data.poison_mask.cpu(), self.isolation_rate)["auprc"]
         evidence = isolation_evidence(scores, isolated, engine.data.labels)
         evidence["iso_weak"] = float(evidence["iso_separation"] < self.min_separation)
         if evidence["iso_weak"]:

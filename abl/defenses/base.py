@@ -12,7 +12,7 @@ from abl.registry import Registry
 
 DEFENSES: Registry = Registry("defense")
 
-METRIC_KEYS = ("clean_acc", "clean_acc_nontarget", "asr", "robust_acc")
+from abl.metrics import METRIC_KEYS, phase_metrics  # noqa: E402,F401  (re-exported)
 
 
 @dataclass
@@ -35,9 +35,3 @@ class Defense:
 
     def total_epochs(self) -> int:
         raise NotImplementedError
-
-
-def phase_metrics(engine: Engine) -> dict[str, float]:
-    """The full evaluation recorded at the last epoch of the phase just run."""
-    last = engine.history[-1]
-    return {k: float(last[k]) for k in METRIC_KEYS if k in last}

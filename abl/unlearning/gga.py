@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from abl.config import check
-from abl.defenses.base import METRIC_KEYS, phase_metrics
+from abl.metrics import METRIC_KEYS, phase_metrics
 from abl.engine import Engine, Objective
 from abl.unlearning.base import UNLEARNERS, Unlearner, UnlearnContext
 

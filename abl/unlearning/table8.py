@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from abl.config import check
 from abl.data.loader import AugmentConfig, to_float
-from abl.defenses.base import phase_metrics
+from abl.metrics import phase_metrics
 from abl.engine import Engine
 from abl.errors import ConfigError
 from abl.unlearning.base import UNLEARNERS, Unlearner, UnlearnContext, fresh_model
