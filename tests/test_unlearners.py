@@ -281,3 +281,39 @@ def test_every_detector_with_every_unlearner_runs(detector, pair_digits, resnet3
         assert len(result.isolated) == 15
         assert result.notes["detector"]["name"] == detector and result.notes["unlearner"]["name"] == unlearner
         assert 0 <= result.metrics["final"]["asr"] <= 1
+
+
+@pytest.mark.parametrize("name", ["grad_noise", "self_learning"])
+def test_a_run_resumed_mid_unlearning_trains_on_the_same_modified_examples(name, tmp_path):
+    """Both compute D_b's new rows from a model (input gradients, a teacher) that a resumed
+    run has not restored yet when it recomputes them: the checkpoint carries the rows."""
+    from abl.experiment import build_experiment, resume_experiment, run_experiment
+    from abl.store import RunStore
+
+    extra = {"sigma": 0.3} if name == "grad_noise" else {"teacher_epochs": 2, "teacher_milestones": []}
+    unlearner = {"name": name, "epochs": 3, **extra}
+
+    def run(runs, **kw):
+        raw = {"name": "resume-unlearner", "seed": 0, "dataset": {"name": "digits"},
+               "model": {"name": "small_cnn", "width": 8}, "attack": {"name": "badnets", "rate": 0.1, "target": 0},
+               "defense": {"name": "abl", "isolation_epochs": 2, "recovery_epochs": 1, "isolation_rate": 0.05,
+                           "unlearner": unlearner},
+               "train": {"batch_size": 64, "eval_subset": 0, "progress": False, "threads": 1, "checkpoint_every_s": 0},
+               "output": {"runs_dir": str(runs), "cache_dir": str(tmp_path / "cache")}}
+        return run_experiment(build_experiment(raw), RunStore(runs), **kw)
+
+    whole = run(tmp_path / "a")
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def stop(record):
+        if record["phase"] == "unlearning" and record["phase_epoch"] == 1:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        run(tmp_path / "b", on_epoch=stop)
+    (stopped,) = RunStore(tmp_path / "b").list_runs()
+    resumed = resume_experiment(stopped.run_id, RunStore(tmp_path / "b"))
+    a, b = whole.tensors("model"), resumed.tensors("model")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -76,6 +76,7 @@ class Retrain(Unlearner):
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(engine.seed * 7919 + 17)
         images, labels, smoothing = self.modify(engine, ctx, gen)
+        images, labels = self._keep_modified(engine, ctx, images, labels)
         if self.start == "scratch":
             fresh_model(engine, engine.seed + 1)
         self.prepare(engine)
@@ -99,6 +100,24 @@ class Retrain(Unlearner):
 
     def freeze_bn(self) -> bool:
         return False
+
+    @staticmethod
+    def _keep_modified(
+        engine: Engine, ctx: UnlearnContext, images: torch.Tensor | None, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Keep ``D_b``'s modified rows in ``engine.state``. A resumed run recomputes
+        ``modify`` before its model is restored (gradients, a teacher's predictions), so it
+        takes the rows the interrupted run trained on from its checkpoint instead."""
+        saved = engine.state.setdefault("unlearner", {})
+        iso = ctx.isolated
+        for key, full in (("images", images), ("labels", labels)):
+            if full is None:
+                continue
+            if key in saved:
+                full[iso] = saved[key].to(full.device)
+            else:
+                saved[key] = full[iso].detach().clone()
+        return images, labels
 
     def finish(self, engine: Engine) -> None:
         """Undo what ``prepare`` changed on the model (e.g. unfreeze)."""
