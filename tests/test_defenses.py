@@ -18,6 +18,7 @@ from abl.models import MODELS
 SHORT = {
     "none": {"epochs": 3, "lr": 0.05},
     "detect": {"backdoor": {"epochs": 2, "lr": 0.05}, "detector": {"name": "spectral_signatures"}, "rate": 0.05},
+    "fine_pruning": {"backdoor": {"epochs": 2, "lr": 0.05}, "epochs": 1},
     "abl": {
         "isolation_epochs": 2,
         "isolation_lr": 0.02,

@@ -1,0 +1,116 @@
+"""Post-training defenses (issue 10): the defender's clean subset, and fine-pruning on a
+backdoored small CNN (digits, BadNets 10% to class 0)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from abl.attacks import ATTACKS
+from abl.data import DATASETS
+from abl.data.types import PoisonedSet
+from abl.defenses import DEFENSES
+from abl.defenses.posttrain import defender_clean_subset
+from abl.detectors import extract_features
+from abl.engine import Engine, TrainConfig
+from abl.errors import ConfigError
+from abl.models import MODELS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    """A small CNN that learned BadNets on the digits, and its data (~8 s)."""
+    splits = DATASETS.create({"name": "digits"}).load()
+    attack = ATTACKS.create({"name": "badnets", "rate": 0.1, "target": 0})
+    attack.setup(splits.image_size, splits.num_classes)
+    data, trig = attack.poison(splits.train), attack.triggered_test(splits.test)
+    torch.manual_seed(0)
+    model = MODELS.create({"name": "small_cnn", "width": 16}).build(10, splits.image_size)
+    engine = Engine(model, data, splits.test, trig, TrainConfig(progress=False, eval_every=0, checkpoint=False, batch_size=64))
+    engine.run_phase("backdoor", epochs=10, lr=0.05, milestones=[8])
+    assert engine.history[-1]["asr"] > 0.9
+    return splits, data, trig, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def engine_from(backdoored, data: PoisonedSet | None = None) -> Engine:
+    splits, poisoned, trig, weights = backdoored
+    model = MODELS.create({"name": "small_cnn", "width": 16}).build(10, splits.image_size)
+    model.load_state_dict(weights)
+    cfg = TrainConfig(progress=False, eval_every=0, checkpoint=False, batch_size=64)
+    return Engine(model, data or poisoned, splits.test, trig, cfg, seed=0)
+
+
+def test_the_clean_subset_is_seeded_unpoisoned_and_sized(backdoored):
+    data = backdoored[1]
+    sub = defender_clean_subset(data, 0.05, seed=0)
+    assert len(sub) == round(0.05 * len(data)) and not data.poison_mask[sub].any()
+    assert torch.equal(sub, sub.sort().values) and len(sub.unique()) == len(sub)
+    assert torch.equal(sub, defender_clean_subset(data, 0.05, seed=0))
+    assert not torch.equal(sub, defender_clean_subset(data, 0.05, seed=1))
+    with pytest.raises(ValueError, match="unpoisoned"):
+        defender_clean_subset(data, 0.95, seed=0)
+
+
+def test_fine_pruning_never_reads_the_poison_mask(backdoored):
+    """The same model and clean indices with a scrambled poison mask: the same result."""
+    data = backdoored[1]
+    clean = defender_clean_subset(data, 0.1, seed=0)
+    g = torch.Generator().manual_seed(5)
+    scrambled = PoisonedSet(data.images, data.labels, data.true_labels, data.poison_mask[torch.randperm(len(data), generator=g)])
+    results = []
+    for d in (data, scrambled):
+        engine = engine_from(backdoored, d)
+        fp = DEFENSES.create({"name": "fine_pruning", "epochs": 2})
+        fp.purify(engine, clean)
+        results.append(engine.model.state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_fine_pruning_prunes_the_most_dormant_channels_within_the_accuracy_margin(backdoored):
+    data = backdoored[1]
+    clean = defender_clean_subset(data, 0.1, seed=0)
+    engine = engine_from(backdoored)
+    activation = extract_features(engine.model, data.images[clean]).mean(0)
+    fp = DEFENSES.create({"name": "fine_pruning", "epochs": 2, "max_ca_drop": 0.05})
+    steps = fp.purify(engine, clean)
+    n = int(steps["pruned"]["pruned_channels"])
+    assert 0 < n < len(activation), steps["pruned"]
+    assert steps["pruned"]["defender_acc_pruned"] >= steps["pruned"]["defender_acc_before"] - 0.05
+    zero = (engine.model.fc.weight == 0).all(0)
+    assert int(zero.sum()) == n, "pruned channels stay at zero through fine-tuning"
+    # the pruned channels are the least active on clean data, whatever their index (the
+    # defense measures them on 80% of the subset, so a near-tie may swap at the margin)
+    pruned = set(zero.nonzero().squeeze(1).tolist())
+    assert len(pruned ^ set(torch.argsort(activation, stable=True)[:n].tolist())) <= 2
+    assert float(activation[list(pruned)].max()) <= float(activation.median())
+    assert {"clean_acc", "asr"} <= set(steps["fine-tuning"])
+    # a saved pruned model needs no hook: reloading its weights gives the same outputs
+    clone = copy.deepcopy(engine.model).eval()
+    x = data.images[:64].float() / 255
+    assert torch.allclose(clone(x), engine.model.eval()(x))
+
+
+def test_a_fixed_ratio_prunes_that_share_and_a_zero_margin_prunes_little(backdoored):
+    clean = defender_clean_subset(backdoored[1], 0.1, seed=0)
+    engine = engine_from(backdoored)
+    steps = DEFENSES.create({"name": "fine_pruning", "epochs": 0, "prune_ratio": 0.5}).purify(engine, clean)
+    assert steps["pruned"]["pruned_ratio"] == 0.5 and "fine-tuning" not in steps
+    tight = DEFENSES.create({"name": "fine_pruning", "epochs": 0, "max_ca_drop": 0.0}).purify(engine_from(backdoored), clean)
+    assert tight["pruned"]["defender_acc_pruned"] >= tight["pruned"]["defender_acc_before"]
+
+
+@pytest.mark.parametrize("bad, key", [({"max_ca_drop": 1.5}, "max_ca_drop"), ({"prune_ratio": 1.0}, "prune_ratio"),
+                                      ({"clean_fraction": 0}, "clean_fraction"), ({"holdout": 0}, "holdout")])
+def test_fine_pruning_rejects_bad_parameters(bad, key):
+    with pytest.raises(ConfigError, match=key):
+        DEFENSES.create({"name": "fine_pruning", **bad})
