@@ -396,6 +396,7 @@ class Engine:
         smoothing: float | torch.Tensor = 0.0,
         images: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.optim.Optimizer:
         """Train ``epochs`` epochs minimising ``objective`` over ``index`` (default: all).
 
@@ -410,6 +411,9 @@ class Engine:
         cross-entropy, so rankings compare the model's confidence in the label.
         ``images`` / ``labels``: train on a modified copy of the training set (same length
         and order; e.g. an unlearner that relabels or perturbs the isolated examples).
+        ``extra_loss(x)``: a term added to the objective, called with the (augmented)
+        batch right after the model's forward pass on it (e.g. NAD's attention loss, which
+        reads the activations that pass left in forward hooks).
         Returns the optimizer so that a following phase can carry its momentum over.
         Raises :class:`DivergenceError` as soon as an epoch's loss is not finite.
         """
@@ -455,6 +459,8 @@ class Engine:
                     loss = objective(smoothed_cross_entropy(logits.float(), y, eps), idx)
                 else:
                     loss = objective(losses, idx)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(x)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -114,3 +114,48 @@ def test_a_fixed_ratio_prunes_that_share_and_a_zero_margin_prunes_little(backdoo
 def test_fine_pruning_rejects_bad_parameters(bad, key):
     with pytest.raises(ConfigError, match=key):
         DEFENSES.create({"name": "fine_pruning", **bad})
+
+
+# -- NAD ---------------------------------------------------------------------------------
+
+
+def test_residual_groups_are_the_blocks_before_each_resolution_change():
+    from abl.defenses.nad import residual_groups
+
+    wrn = MODELS.create({"name": "wrn", "depth": 16, "widen": 1}).build(10, 32)
+    groups = residual_groups(wrn, 32)
+    body = list(wrn.body.children())
+    assert [body.index(g) for g in groups] == [2, 4, 6], "the last block of each of WRN-16-1's three groups"
+    resnet = MODELS.create({"name": "resnet18"}).build(10, 32)
+    assert len(residual_groups(resnet, 32)) == 4
+    assert len(residual_groups(MODELS.create({"name": "small_cnn"}).build(10, 8), 8)) == 3
+
+
+def test_attention_map_is_unit_norm_and_power_weighted():
+    from abl.defenses.nad import attention_map
+
+    fm = torch.randn(4, 8, 5, 5)
+    am = attention_map(fm, 2.0)
+    assert am.shape == (4, 1, 5, 5)
+    assert torch.allclose(am.flatten(1).norm(dim=1), torch.ones(4), atol=1e-4)
+    assert torch.allclose(attention_map(3 * fm, 2.0), am, atol=1e-5), "scale-free"
+
+
+def test_nad_distils_toward_the_teacher_and_never_reads_the_mask(backdoored):
+    data = backdoored[1]
+    clean = defender_clean_subset(data, 0.1, seed=0)
+    g = torch.Generator().manual_seed(5)
+    scrambled = PoisonedSet(data.images, data.labels, data.true_labels, data.poison_mask[torch.randperm(len(data), generator=g)])
+    spec = {"name": "nad", "teacher_epochs": 2, "epochs": 2, "betas": [0.0, 500.0, 5000.0]}
+    results = []
+    for d in (data, scrambled):
+        engine = engine_from(backdoored, d)
+        steps = DEFENSES.create(spec).purify(engine, clean)
+        results.append(engine.model.state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    assert [h["phase"] for h in engine.history] == ["teacher"] * 2 + ["distillation"] * 2
+    assert {"clean_acc", "asr"} <= set(steps["distillation"]) and "teacher" in steps
+    # the attention term changes the student's training: with betas 0 it is plain fine-tuning
+    plain = engine_from(backdoored)
+    DEFENSES.create({**spec, "betas": [0.0, 0.0, 0.0]}).purify(plain, clean)
+    assert any(not torch.equal(results[0][k], plain.model.state_dict()[k]) for k in results[0])
