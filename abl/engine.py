@@ -254,6 +254,15 @@ class Engine:
         self._catch_up(ck, opt, loader)
         return int(ck["phase_epoch"]) + 1
 
+    def skip_phase(self, phase: str) -> None:
+        """Count ``phase`` as run without training it (its result came from a cache), so the
+        phases after it get the same data order as in a run that trained it."""
+        self._phase_count += 1
+        if len(self._phases) < self._phase_count:
+            self._phases.append(phase)
+        if self._resume is None:
+            self._phase_ends.append(len(self.history))
+
     def adopt_phases(self, phases: list[str], history: list[dict], example_losses: torch.Tensor) -> None:
         """Take phases trained elsewhere (a cached stage) as if this run had trained them:
         their history and loss record become this run's, and the phase count moves on, so

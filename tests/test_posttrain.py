@@ -159,3 +159,97 @@ def test_nad_distils_toward_the_teacher_and_never_reads_the_mask(backdoored):
     plain = engine_from(backdoored)
     DEFENSES.create({**spec, "betas": [0.0, 0.0, 0.0]}).purify(plain, clean)
     assert any(not torch.equal(results[0][k], plain.model.state_dict()[k]) for k in results[0])
+
+
+# -- MCR ---------------------------------------------------------------------------------
+
+
+def test_bezier_runs_from_one_endpoint_to_the_other_through_the_control_point():
+    from abl.defenses.mcr import bezier
+
+    w0, theta, w1 = torch.zeros(3), torch.ones(3), torch.full((3,), 4.0)
+    assert torch.equal(bezier(0.0, w0, theta, w1), w0) and torch.equal(bezier(1.0, w0, theta, w1), w1)
+    assert torch.allclose(bezier(0.5, w0, theta, w1), 0.25 * w0 + 0.5 * theta + 0.25 * w1)
+
+
+def test_mcr_trains_only_the_control_point_and_records_the_curve(backdoored):
+    data = backdoored[1]
+    clean = defender_clean_subset(data, 0.1, seed=0)
+    engine = engine_from(backdoored)
+    w0 = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    mcr = DEFENSES.create({"name": "mcr", "finetune_epochs": 2, "epochs": 3, "points": 5, "t": 0.5, "augment": False})
+    mcr.notes = {}
+    steps = mcr.purify(engine, clean)
+    assert [h["phase"] for h in engine.history] == ["finetune"] * 2 + ["curve"] * 3
+    curve = mcr.notes["curve"]
+    assert [p["t"] for p in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    # t = 0 is the backdoored model (BatchNorm statistics recomputed on clean data): the
+    # backdoor still works there; the endpoint t = 1 is the clean fine-tuned copy
+    assert curve[0]["asr"] > 0.5, curve
+    assert all(0 <= p["clean_acc"] <= 1 and 0 <= p["asr"] <= 1 for p in curve)
+    assert steps["curve"]["t"] == 0.5 and steps["curve"]["clean_acc"] == curve[2]["clean_acc"]
+    # the result is a plain model of the same architecture, neither endpoint
+    final = engine.model.state_dict()
+    assert final.keys() == w0.keys()
+    assert any(not torch.equal(final[k], w0[k]) for k in w0 if "weight" in k)
+
+
+def test_the_curve_model_trains_only_its_control_point(backdoored):
+    from abl.defenses.mcr import CurveModel
+
+    engine = engine_from(backdoored)
+    base = engine.model
+    w0 = {n: p.detach().clone() for n, p in base.named_parameters()}
+    w1 = {n: p + 1.0 for n, p in w0.items()}
+    curve = CurveModel(base, w1)
+    trained = [p for p in curve.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trained) == sum(p.numel() for p in w0.values())
+    assert {id(p) for p in trained} == {id(p) for p in curve.theta.parameters()}
+    x = backdoored[1].images[:16].float() / 255
+    curve.eval()
+    base.eval()
+    curve.t = 0.0
+    with torch.no_grad():
+        assert torch.allclose(curve(x), base(x), atol=1e-5), "t = 0 is the first endpoint"
+        curve.t = 0.5
+        mid = {n: (w0[n] + w1[n]) / 2 for n in w0}  # the control point starts at the midpoint
+        from torch.func import functional_call
+
+        assert torch.allclose(curve(x), functional_call(base, mid, (x,)), atol=1e-4)
+
+
+@pytest.mark.parametrize("defense", [
+    {"name": "fine_pruning", "epochs": 3, "augment": False},
+    {"name": "nad", "teacher_epochs": 2, "epochs": 3, "betas": [0.0, 50.0, 50.0], "augment": False},
+    {"name": "mcr", "finetune_epochs": 2, "epochs": 3, "points": 3, "augment": False},
+], ids=lambda d: d["name"])
+def test_a_post_training_run_resumed_mid_phase_ends_as_the_uninterrupted_one(defense, tmp_path):
+    from abl.experiment import build_experiment, resume_experiment, run_experiment
+    from abl.store import RunStore
+
+    def run(runs, **kw):
+        raw = {"name": "resume-post", "seed": 0, "dataset": {"name": "digits"},
+               "model": {"name": "small_cnn", "width": 8}, "attack": {"name": "badnets", "rate": 0.1, "target": 0},
+               "defense": {**defense, "backdoor": {"epochs": 3, "lr": 0.05, "milestones": []}, "clean_fraction": 0.1},
+               "train": {"batch_size": 64, "eval_subset": 0, "progress": False, "threads": 1, "checkpoint_every_s": 0},
+               "output": {"runs_dir": str(runs), "cache_dir": str(tmp_path / "cache")}}
+        return run_experiment(build_experiment(raw), RunStore(runs), **kw)
+
+    whole = run(tmp_path / "a")
+    last_phase = whole.history()[-1]["phase"]
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def stop(record):
+        if record["phase"] == last_phase and record["phase_epoch"] == 1:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        run(tmp_path / "b", on_epoch=stop)
+    (stopped,) = RunStore(tmp_path / "b").list_runs()
+    resumed = resume_experiment(stopped.run_id, RunStore(tmp_path / "b"))
+    a, b = whole.tensors("model"), resumed.tensors("model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.final_metrics == whole.final_metrics
+    assert resumed.json("notes")["clean_subset"] == whole.json("notes")["clean_subset"]

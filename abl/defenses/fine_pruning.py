@@ -74,8 +74,13 @@ class FinePruning(PostTraining):
         perm = clean[torch.randperm(len(clean), generator=g).to(clean.device)]
         n_hold = max(1, int(round(self.holdout * len(clean))))
         held, rest = perm[:n_hold], perm[n_hold:]
-        activation = extract_features(model, engine.data.images[rest], batch_size=engine.cfg.eval_batch_size).mean(0)
-        order = torch.argsort(activation, stable=True)  # most dormant first
+        # the decision is kept in the engine's state: a run resumed mid-fine-tuning measures
+        # before its model is restored, and must mask the same channels
+        saved = engine.state.setdefault("fine_pruning", {})
+        if "order" not in saved:
+            activation = extract_features(model, engine.data.images[rest], batch_size=engine.cfg.eval_batch_size).mean(0)
+            saved["order"] = torch.argsort(activation, stable=True)  # most dormant first
+        order = saved["order"]
         width = len(order)
         original = fc.weight.detach().clone()
         base_acc = engine.train_accuracy(held)
@@ -85,7 +90,9 @@ class FinePruning(PostTraining):
                 fc.weight.copy_(original)
                 fc.weight[:, order[:n].to(fc.weight.device)] = 0.0
 
-        if self.prune_ratio is not None:
+        if "n" in saved:
+            n = int(saved["n"])
+        elif self.prune_ratio is not None:
             n = int(self.prune_ratio * width)
         else:
             n, step = 0, max(1, width // 64)
@@ -95,6 +102,7 @@ class FinePruning(PostTraining):
                 if engine.train_accuracy(held) < base_acc - self.max_ca_drop:
                     break
                 n += step
+        saved["n"] = n
         prune(n)
         mask = torch.ones(width, device=fc.weight.device)
         mask[order[:n].to(mask.device)] = 0.0

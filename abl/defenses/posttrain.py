@@ -71,6 +71,7 @@ class PostTraining(Defense):
         else:  # from the stage cache
             start = {k: float(v) for k, v in engine.evaluate(full=True).items() if k in METRIC_KEYS}
         clean = defender_clean_subset(engine.data, self.clean_fraction, self.clean_seed)
+        self.notes: dict[str, object] = {}
         t0 = time.perf_counter()
         metrics = self.purify(engine, clean)
         last = list(metrics.values())[-1]
@@ -78,10 +79,11 @@ class PostTraining(Defense):
         metrics["final"] = {k: v for k, v in last.items() if k in METRIC_KEYS}
         return DefenseResult(
             metrics={"backdoored": {**start, "stage_hit": float(stage["hit"])}, **metrics},
-            notes={"stage_backdoored": stage["key"], "clean_subset": clean.cpu().tolist()},
+            notes={"stage_backdoored": stage["key"], "clean_subset": clean.cpu().tolist(), **self.notes},
         )
 
     def purify(self, engine: Engine, clean: torch.Tensor) -> dict[str, dict[str, float]]:
         """Purify ``engine.model`` with the clean examples ``clean`` only; return metrics
-        per step (the last one's CA/ASR become the run's final figures)."""
+        per step (the last one's CA/ASR become the run's final figures). What else the run
+        should record goes into ``self.notes`` (saved as ``notes.json``)."""
         raise NotImplementedError
