@@ -340,6 +340,28 @@ def tile_titles(rec: RunRecord, k: int) -> list[str]:
     return out
 
 
+def plot_mode_curve(rec: RunRecord, path: Path) -> str | None:
+    """CA and ASR along the curve of a mode-connectivity repair (``notes.json`` ``curve``)."""
+    curve = _notes(rec).get("curve")
+    if not isinstance(curve, list) or not curve:
+        return None
+    ts = [p["t"] for p in curve]
+    fig = _new_figure(5.0, 3.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for key, label in (("clean_acc", "CA"), ("asr", "ASR")):
+        ax.plot(ts, [100 * p.get(key, float("nan")) for p in curve], marker="o", label=label)
+    chosen = (rec.config.get("defense") or {}).get("t")
+    if isinstance(chosen, (int, float)):
+        ax.axvline(chosen, color="grey", linestyle=":", label=f"kept t = {chosen}")
+    ax.set_xlabel("t (0: backdoored, 1: fine-tuned on clean data)")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return None
+
+
 def _has_ground_truth(rec: RunRecord) -> bool:
     """Whether the run applied a known attack, so that poisoned / clean labels mean something."""
     return bool((rec.meta.get("components") or {}).get("attack")) or rec.has_array("isolated_is_poison")
@@ -487,6 +509,10 @@ def _run_section(rec: RunRecord, out_dir: Path) -> list[str]:
         lines.append("")
         lines.append(f"_{skipped}_" if skipped else f"![{title}]({png.name})")
         lines.append("")
+    if rec.status == FINISHED and isinstance(_notes(rec).get("curve"), list):
+        png = out_dir / f"{stem}-mode-curve.png"
+        plot_mode_curve(rec, png)
+        lines += ["### Mode-connectivity curve", "", f"![CA and ASR along the curve]({png.name})", ""]
     csv_path = out_dir / f"{stem}-isolated.csv"
     if write_isolated_csv(rec, csv_path):
         n_iso = len(rec.array("isolated_indices")) if rec.has_array("isolated_indices") else None

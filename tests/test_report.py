@@ -263,3 +263,13 @@ def test_no_comparison_sections_without_runs_to_compare(store_with_runs, tmp_pat
     store, ids = store_with_runs
     text = write_report(store, list(ids.values()), tmp_path / "out").read_text()
     assert "Figure 7" not in text and "Table 8" not in text and not (tmp_path / "out" / "detectors.png").exists()
+
+
+def test_report_draws_the_mcr_curve(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    curve = [{"t": t, "clean_acc": 0.8 - 0.1 * t, "asr": 1.0 - t} for t in (0.0, 0.5, 1.0)]
+    rid = _part_run(store, {"name": "mcr", "t": 0.4}, {"curve": curve},
+                    {"final": {"clean_acc": 0.75, "asr": 0.5}})
+    text = write_report(store, [rid], tmp_path / "out").read_text()
+    assert f"![CA and ASR along the curve]({rid}-mode-curve.png)" in text
+    _check_png(tmp_path / "out" / f"{rid}-mode-curve.png")
