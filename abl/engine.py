@@ -339,25 +339,32 @@ class Engine:
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=self.device)
 
     @torch.no_grad()
-    def train_accuracy(self, index: torch.Tensor) -> float:
+    def train_accuracy(
+        self, index: torch.Tensor, images: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> float:
         """Eval-mode accuracy on training examples ``index`` against their (possibly
         poisoned) training labels: how well the model still fits them."""
-        correct, _ = self.train_fit(index)
+        correct, _ = self.train_fit(index, images, labels)
         return float(correct.float().mean()) if len(index) else 0.0
 
     @torch.no_grad()
-    def train_fit(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_fit(
+        self, index: torch.Tensor, images: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode (correct, loss) per training example of ``index``, against the
-        examples' own (possibly poisoned) training labels."""
+        examples' own (possibly poisoned) training labels; ``images`` / ``labels`` replace
+        the training set's (a modified copy of the same length)."""
+        images = self.data.images if images is None else images
+        labels = self.data.labels if labels is None else labels
         was_training = self.model.training
         self.model.eval()
         correct, losses = [], []
         bs = self.cfg.eval_batch_size
         for s in range(0, len(index), bs):
             idx = index[s : s + bs]
-            logits = self._forward(self.model, to_float(self.data.images[idx])).float()
-            correct.append(logits.argmax(1) == self.data.labels[idx])
-            losses.append(F.cross_entropy(logits, self.data.labels[idx], reduction="none"))
+            logits = self._forward(self.model, to_float(images[idx])).float()
+            correct.append(logits.argmax(1) == labels[idx])
+            losses.append(F.cross_entropy(logits, labels[idx], reduction="none"))
         self.model.train(was_training)
         if not correct:
             return torch.zeros(0, dtype=torch.bool), torch.zeros(0)

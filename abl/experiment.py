@@ -381,6 +381,8 @@ def _execute(
             writer.save_json("stages", engine.state["stages"])
         if result.notes:  # e.g. the detector and unlearner an ABL run composed, resolved
             writer.save_json("notes", result.notes)
+        if result.tensors:  # e.g. Neural Cleanse's reversed masks and patterns
+            writer.save_tensors("defense_artefacts", {k: v.detach().cpu().contiguous() for k, v in result.tensors.items()})
         writer.save_array("example_losses", engine.loss_matrix().numpy().astype(np.float32))
         if result.isolated is not None:
             iso = result.isolated

@@ -362,6 +362,34 @@ def plot_mode_curve(rec: RunRecord, path: Path) -> str | None:
     return None
 
 
+def plot_nc_triggers(rec: RunRecord, path: Path) -> bool:
+    """Neural Cleanse's reversed trigger per class: the mask, and the mask times the
+    pattern (what is stamped), titled with the mask's L1 norm and anomaly index."""
+    if not (rec.path / "defense_artefacts.safetensors").is_file():
+        return False
+    arts = rec.tensors("defense_artefacts")
+    if "nc_masks" not in arts or "nc_patterns" not in arts:
+        return False
+    masks, patterns = arts["nc_masks"].float().numpy(), arts["nc_patterns"].float().numpy()
+    notes = _notes(rec)
+    index, flagged = notes.get("anomaly_index") or [], set(notes.get("flagged") or [])
+    k = len(masks)
+    fig = _new_figure(max(4.0, 1.1 * k), 2.6)
+    for c in range(k):
+        for row, img in enumerate((masks[c, 0], (masks[c] * patterns[c]).transpose(1, 2, 0))):
+            ax = fig.add_subplot(2, k, row * k + c + 1)
+            ax.imshow(img, cmap="gray" if row == 0 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                a = f"\n{index[c]:.1f}" if c < len(index) else ""
+                ax.set_title(f"{c}{' *' if c in flagged else ''}{a}", fontsize=7,
+                             color="red" if c in flagged else "black")
+    fig.suptitle("reversed triggers: mask (top), mask x pattern (bottom); class, anomaly index; * flagged", fontsize=8)
+    _save(fig, path)
+    return True
+
+
 def _has_ground_truth(rec: RunRecord) -> bool:
     """Whether the run applied a known attack, so that poisoned / clean labels mean something."""
     return bool((rec.meta.get("components") or {}).get("attack")) or rec.has_array("isolated_is_poison")
@@ -513,6 +541,9 @@ def _run_section(rec: RunRecord, out_dir: Path) -> list[str]:
         png = out_dir / f"{stem}-mode-curve.png"
         plot_mode_curve(rec, png)
         lines += ["### Mode-connectivity curve", "", f"![CA and ASR along the curve]({png.name})", ""]
+    if rec.status == FINISHED and plot_nc_triggers(rec, out_dir / f"{stem}-nc-triggers.png"):
+        lines += ["### Neural Cleanse: reversed triggers", "",
+                  f"![Reversed trigger per class]({stem}-nc-triggers.png)", ""]
     csv_path = out_dir / f"{stem}-isolated.csv"
     if write_isolated_csv(rec, csv_path):
         n_iso = len(rec.array("isolated_indices")) if rec.has_array("isolated_indices") else None

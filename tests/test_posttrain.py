@@ -253,3 +253,39 @@ def test_a_post_training_run_resumed_mid_phase_ends_as_the_uninterrupted_one(def
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.final_metrics == whole.final_metrics
     assert resumed.json("notes")["clean_subset"] == whole.json("notes")["clean_subset"]
+
+
+# -- Neural Cleanse ------------------------------------------------------------------------
+
+
+def test_anomaly_index_flags_only_small_outliers():
+    from abl.defenses.neural_cleanse import anomaly_indices
+
+    norms = torch.tensor([4.0, 38.0, 28.0, 39.0, 37.0, 35.0, 41.0, 37.0, 34.0, 39.0])
+    index = anomaly_indices(norms)
+    assert int(torch.argmax(index)) == 0 and index[0] > 10
+    big = anomaly_indices(torch.tensor([100.0, 38.0, 37.0, 39.0, 36.0]))
+    assert big[0] < 0, "a large mask is not suspicious however far out"
+
+
+def test_neural_cleanse_finds_the_target_and_abl_unlearning_removes_the_backdoor(backdoored):
+    """Measured on these digits (BadNets to class 0, 10% clean subset): mask L1 4.0 for
+    class 0 against a median of 37 (anomaly index 13.4); GGA on 67 clean images stamped
+    with the reversed trigger, 5 epochs: ASR 100% -> 4.2% at CA 95.1% (the ABL paper's
+    Table 11 reports 0.12% for BadNets on CIFAR-10)."""
+    data = backdoored[1]
+    clean = defender_clean_subset(data, 0.1, seed=0)
+    engine = engine_from(backdoored)
+    nc = DEFENSES.create({"name": "neural_cleanse", "epochs": 30, "batch_size": 32,
+                          "unlearner": {"name": "gga", "epochs": 5, "holdout": 0, "select": "last", "patience": 0}})
+    nc.notes, nc.tensors = {}, {}
+    steps = nc.purify(engine, clean)
+    assert nc.notes["flagged"][0] == 0 and steps["reverse"]["top_anomaly_index"] > 2, nc.notes
+    assert steps["reverse"]["top_mask_l1"] < 0.3 * steps["reverse"]["median_mask_l1"]
+    size = data.images.shape[-1]
+    assert nc.tensors["nc_masks"].shape == (10, 1, size, size) and nc.tensors["nc_patterns"].shape == (10, 3, size, size)
+    after = steps["unlearning"]
+    assert steps["reverse"]["asr"] > 0.9 and after["asr"] < 0.2 and after["clean_acc"] > 0.9, after
+    # the unlearner saw only the clean subset: the stamped images and the rest of it
+    seen = engine.loss_matrix()[-1].isfinite()
+    assert bool(seen[clean].all()) and not bool(seen[~torch.isin(torch.arange(len(data)), clean)].any())

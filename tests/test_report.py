@@ -273,3 +273,16 @@ def test_report_draws_the_mcr_curve(tmp_path):
     text = write_report(store, [rid], tmp_path / "out").read_text()
     assert f"![CA and ASR along the curve]({rid}-mode-curve.png)" in text
     _check_png(tmp_path / "out" / f"{rid}-mode-curve.png")
+
+
+def test_report_draws_neural_cleanse_triggers(tmp_path):
+    import torch
+
+    store = RunStore(tmp_path / "runs")
+    with store.create_run({**CONFIG, "defense": {"name": "neural_cleanse"}}, name="nc", seed=0) as run:
+        run.save_json("notes", {"anomaly_index": [5.0, 0.1, -0.3], "flagged": [0]})
+        run.save_tensors("defense_artefacts", {"nc_masks": torch.rand(3, 1, 8, 8), "nc_patterns": torch.rand(3, 3, 8, 8)})
+        run.finish({"final": {"clean_acc": 0.9, "asr": 1.0}}, wall_s=1.0)
+    text = write_report(store, [run.run_id], tmp_path / "out").read_text()
+    assert f"![Reversed trigger per class]({run.run_id}-nc-triggers.png)" in text
+    _check_png(tmp_path / "out" / f"{run.run_id}-nc-triggers.png")

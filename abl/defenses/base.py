@@ -25,6 +25,8 @@ class DefenseResult:
     isolated_losses: torch.Tensor | None = None
     #: what the run should record beside its metrics (saved as the run's ``notes.json``)
     notes: dict[str, Any] = field(default_factory=dict)
+    #: tensors the run should keep (saved together as ``defense_artefacts.safetensors``)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Defense:

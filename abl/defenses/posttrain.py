@@ -72,6 +72,7 @@ class PostTraining(Defense):
             start = {k: float(v) for k, v in engine.evaluate(full=True).items() if k in METRIC_KEYS}
         clean = defender_clean_subset(engine.data, self.clean_fraction, self.clean_seed)
         self.notes: dict[str, object] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()
         metrics = self.purify(engine, clean)
         last = list(metrics.values())[-1]
@@ -80,10 +81,12 @@ class PostTraining(Defense):
         return DefenseResult(
             metrics={"backdoored": {**start, "stage_hit": float(stage["hit"])}, **metrics},
             notes={"stage_backdoored": stage["key"], "clean_subset": clean.cpu().tolist(), **self.notes},
+            tensors=self.tensors,
         )
 
     def purify(self, engine: Engine, clean: torch.Tensor) -> dict[str, dict[str, float]]:
         """Purify ``engine.model`` with the clean examples ``clean`` only; return metrics
         per step (the last one's CA/ASR become the run's final figures). What else the run
-        should record goes into ``self.notes`` (saved as ``notes.json``)."""
+        should record goes into ``self.notes`` (saved as ``notes.json``) and
+        ``self.tensors`` (``defense_artefacts.safetensors``)."""
         raise NotImplementedError

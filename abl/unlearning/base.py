@@ -26,13 +26,31 @@ class UnlearnContext:
 
     ``isolated``: indices of ``D_b`` on the engine's device. ``recovery_opt``: the
     optimizer of the stage before (to carry momentum over), if any. ``batch_size`` and
-    ``nesterov``: the defense's settings (None: the engine's).
+    ``nesterov``: the defense's settings (None: the engine's). ``clean``: indices of
+    ``D_c`` (None: every example not in ``D_b``; a post-training defense passes its clean
+    subset). ``images`` / ``labels``: the training set to use in place of the engine's
+    (same length and order; e.g. ``D_b`` stamped with a reverse-engineered trigger).
     """
 
     isolated: torch.Tensor
     recovery_opt: torch.optim.Optimizer | None = None
     batch_size: int | None = None
     nesterov: bool | None = None
+    clean: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def clean_index(self, n: int, device: torch.device) -> torch.Tensor:
+        """Indices of ``D_c``."""
+        if self.clean is not None:
+            return self.clean
+        return (~self.lookup(n, device)).nonzero().squeeze(1)
+
+    def images_of(self, engine: Engine) -> torch.Tensor:
+        return engine.data.images if self.images is None else self.images
+
+    def labels_of(self, engine: Engine) -> torch.Tensor:
+        return engine.data.labels if self.labels is None else self.labels
 
     def lookup(self, n: int, device: torch.device) -> torch.Tensor:
         """Boolean ``(n,)`` mask of ``D_b``."""

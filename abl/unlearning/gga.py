@@ -143,15 +143,17 @@ class GGA(Unlearner):
             ceiling = None
         cap = ceiling if ceiling is not None else 10.0
 
+        data = (ctx.images, ctx.labels)  # the training set as the unlearner sees it
+
         def held_score() -> tuple[float, float]:
-            correct, losses = engine.train_fit(held)
+            correct, losses = engine.train_fit(held, *data)
             return float(correct.float().mean()), float(losses.clamp_max(cap).mean())
 
         # measured on the recovered model, and kept in the engine's state with the best epoch
         # so far: a run resumed mid-unlearning cannot measure them again
         saved = engine.state.setdefault("unlearning", {})
         if "fit_before" not in saved:
-            saved["fit_before"] = engine.train_accuracy(unlearned)
+            saved["fit_before"] = engine.train_accuracy(unlearned, *data)
             saved["held_before"] = held_score()[0] if len(held) else None
         fit_before, held_before = saved["fit_before"], saved["held_before"]
         select = self.select == "heldout" and len(held) > 0
@@ -160,7 +162,7 @@ class GGA(Unlearner):
         def watch(e: int) -> bool:
             fit, loss = held_score()
             # the per-epoch curves: held-out suspects, and the unlearned ones for comparison
-            engine.history[-1].update(heldout_fit=fit, heldout_loss=loss, unlearned_fit=engine.train_accuracy(unlearned))
+            engine.history[-1].update(heldout_fit=fit, heldout_loss=loss, unlearned_fit=engine.train_accuracy(unlearned, *data))
             if not select:
                 return False
             key = [fit, -loss]
@@ -168,7 +170,7 @@ class GGA(Unlearner):
                 best.update(key=key, epoch=e, fit=fit, state={k: v.detach().clone() for k, v in engine.model.state_dict().items()})
             return bool(self.patience) and e - best["epoch"] >= int(self.patience)
 
-        clean_index = (~lookup).nonzero().squeeze(1)  # held-out suspects are in neither set
+        clean_index = ctx.clean_index(len(engine.data), engine.device)  # held-out suspects are in neither set
         common = dict(
             epochs=self.epochs,
             lr=self.lr,
@@ -177,6 +179,8 @@ class GGA(Unlearner):
             nesterov=ctx.nesterov,
             freeze_bn={"train": False, "fixed_stats": "stats", "frozen": True}[self.bn],
             after_epoch=watch if len(held) else None,
+            images=ctx.images,
+            labels=ctx.labels,
         )
         n_before = len(engine.history)
         self._run(engine, unlearn_lookup, unlearned, clean_index, ceiling, bs, common)
@@ -188,7 +192,7 @@ class GGA(Unlearner):
             final = phase_metrics(engine) if "clean_acc" in engine.history[-1] else {
                 k: float(v) for k, v in engine.evaluate(full=True).items() if k in METRIC_KEYS
             }
-        fit_after = engine.train_accuracy(unlearned)
+        fit_after = engine.train_accuracy(unlearned, *data)
         held_after = held_score()[0] if len(held) else None
         decisive = held_after if held_after is not None else fit_after
         if decisive > 0.5:

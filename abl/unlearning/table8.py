@@ -65,9 +65,10 @@ class Retrain(Unlearner):
 
     def train_index(self, engine: Engine, ctx: UnlearnContext) -> torch.Tensor | None:
         """The examples trained on (None: all; discarding methods: ``D_c``)."""
-        if not self.discards_isolated:
-            return None
-        return (~ctx.lookup(len(engine.data), engine.device)).nonzero().squeeze(1)
+        clean = ctx.clean_index(len(engine.data), engine.device)
+        if self.discards_isolated:
+            return clean
+        return None if ctx.clean is None else torch.cat([ctx.isolated, clean])
 
     def prepare(self, engine: Engine) -> None:
         """Set up the model to train (after ``start``); e.g. freeze layers."""
@@ -76,6 +77,8 @@ class Retrain(Unlearner):
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(engine.seed * 7919 + 17)
         images, labels, smoothing = self.modify(engine, ctx, gen)
+        images = ctx.images if images is None else images
+        labels = ctx.labels if labels is None else labels
         images, labels = self._keep_modified(engine, ctx, images, labels)
         if self.start == "scratch":
             fresh_model(engine, engine.seed + 1)
@@ -147,11 +150,11 @@ class PixelNoise(Retrain):
         return None
 
     def modify(self, engine, ctx, gen):
-        images = engine.data.images.clone()
+        images = ctx.images_of(engine).clone()
         iso = ctx.isolated
         x = to_float(images[iso])
         noise = torch.randn(x.shape, generator=gen).to(x.device) * self.sigma
-        mask = self.noise_mask(engine, x, engine.data.labels[iso])
+        mask = self.noise_mask(engine, x, ctx.labels_of(engine)[iso])
         if mask is not None:
             noise = noise * mask
         images[iso] = _to_uint8(x + noise)
@@ -205,10 +208,10 @@ class LabelShuffling(Retrain):
     method_type: ClassVar[str] = "label-based"
 
     def modify(self, engine, ctx, gen):
-        labels = engine.data.labels.clone()
+        labels = ctx.labels_of(engine).clone()
         iso = ctx.isolated
         perm = torch.randperm(len(iso), generator=gen).to(iso.device)
-        labels[iso] = engine.data.labels[iso][perm]
+        labels[iso] = ctx.labels_of(engine)[iso][perm]
         return None, labels, 0.0
 
 
@@ -220,7 +223,7 @@ class LabelUniform(Retrain):
     method_type: ClassVar[str] = "label-based"
 
     def modify(self, engine, ctx, gen):
-        labels = engine.data.labels.clone()
+        labels = ctx.labels_of(engine).clone()
         iso = ctx.isolated
         n_classes = int(engine.data.labels.max()) + 1
         n_classes = max(n_classes, int(engine.test.labels.max()) + 1)
@@ -280,12 +283,12 @@ class SelfLearning(Retrain):
         # the teacher trains in the engine's own model, which is then put back
         saved = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
         fresh_model(engine, engine.seed + 2)
-        clean = (~ctx.lookup(len(engine.data), engine.device)).nonzero().squeeze(1)
+        clean = ctx.clean_index(len(engine.data), engine.device)
         engine.run_phase(
             "teacher", epochs=self.teacher_epochs, lr=self.teacher_lr, milestones=self.teacher_milestones,
-            index=clean, batch_size=ctx.batch_size, nesterov=ctx.nesterov,
+            index=clean, batch_size=ctx.batch_size, nesterov=ctx.nesterov, images=ctx.images, labels=ctx.labels,
         )
-        labels = engine.data.labels.clone()
+        labels = ctx.labels_of(engine).clone()
         labels[ctx.isolated] = engine.predict(ctx.isolated)
         engine.model.load_state_dict(saved)
         return None, labels, 0.0
