@@ -386,6 +386,7 @@ def plot_nc_triggers(rec: RunRecord, path: Path) -> bool:
                 ax.set_title(f"{c}{' *' if c in flagged else ''}{a}", fontsize=7,
                              color="red" if c in flagged else "black")
     fig.suptitle("reversed triggers: mask (top), mask x pattern (bottom); class, anomaly index; * flagged", fontsize=8)
+    fig.subplots_adjust(top=0.78, bottom=0.02, hspace=0.15)
     _save(fig, path)
     return True
 
