@@ -17,6 +17,21 @@ from abl.data.types import ImageSplit, PoisonedSet
 _PROBE_IMAGES = 64  # clean images used to pick the neurons and to optimise the trigger
 
 
+def trigger_region(mask: str, size: int, mask_file: str | None, image_size: int) -> torch.Tensor:
+    """``(1, H, W)`` 0/1 region an optimised patch trigger may use: a ``size`` square in the
+    bottom-right corner, or the non-zero pixels of ``mask_file``."""
+    if mask == "file":
+        assert mask_file is not None
+        region = load_pattern_file(mask_file, image_size, "attack.mask_file")
+        region = (region.amax(0, keepdim=True) > 0).float()
+        check(bool(region.any()), "attack.mask_file", f"'{mask_file}' has no non-zero pixel")
+        return region
+    check(size <= image_size, "attack.size", f"is {size} but the images are {image_size}x{image_size}")
+    region = torch.zeros(1, image_size, image_size)
+    region[:, image_size - size :, image_size - size :] = 1.0
+    return region
+
+
 @ATTACKS.register("trojannn")
 @dataclass
 class TrojanNN(surrogate.SurrogateParams, Attack):
@@ -93,16 +108,7 @@ class TrojanNN(surrogate.SurrogateParams, Attack):
 
     # -- the trigger region -----------------------------------------------------------
     def build(self, image_size: int) -> None:
-        if self.mask == "file":
-            assert self.mask_file is not None
-            region = load_pattern_file(self.mask_file, image_size, "attack.mask_file")
-            region = (region.amax(0, keepdim=True) > 0).float()
-            check(bool(region.any()), "attack.mask_file", f"'{self.mask_file}' has no non-zero pixel")
-        else:
-            check(self.size <= image_size, "attack.size", f"is {self.size} but the images are {image_size}x{image_size}")
-            region = torch.zeros(1, image_size, image_size)
-            region[:, image_size - self.size :, image_size - self.size :] = 1.0
-        self.region = region
+        self.region = trigger_region(self.mask, self.size, self.mask_file, image_size)
         self.trigger_mask: torch.Tensor | None = None
         self.pattern_image: torch.Tensor | None = None
         self.neuron_index: torch.Tensor | None = None
