@@ -367,6 +367,9 @@ class FinetuneImageNet(FinetuneAll):
         super().validate()
         check(self.resize >= 0, "unlearner.resize", "must be >= 0 (0: no resize)")
         check(self.start == "backdoored", "unlearner.start", "the ImageNet model is the starting point; use 'backdoored'")
+        # fail when the config is read, not after the isolation has trained for an hour
+        check(self.weights == "imagenet" or Path(self.weights).is_file(), "unlearner.weights",
+              f"no file {self.weights}; give a ResNet-34 state dict or 'imagenet'")
 
     def prepare(self, engine: Engine) -> None:
         n_classes = int(engine.model.fc.out_features) if hasattr(engine.model, "fc") else int(engine.test.labels.max()) + 1
