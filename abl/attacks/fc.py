@@ -7,6 +7,7 @@ source images; the trigger never appears in the training set."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -72,6 +73,10 @@ class FeatureCollision(surrogate.SurrogateParams, CleanLabelAttack):
 
         ATTACKS.create({"name": "fc", "rate": 0.5, "target": 0, "source": 1})  # half of class 0
     """
+
+    #: the name its perturbed sets are cached under (a subclass crafting them otherwise
+    #: must use its own)
+    cache_kind: ClassVar[str] = "fc"
 
     source: int = 1
     eps: float = 16 / 255
@@ -156,6 +161,10 @@ class FeatureCollision(surrogate.SurrogateParams, CleanLabelAttack):
             out[b : b + _FC_BATCH] = x.detach().mul_(255).round_().clamp_(0, 255).to(torch.uint8)
         return out
 
+    def extra_key(self) -> dict[str, object]:
+        """Settings of a subclass's crafting that its cache key must also hold."""
+        return {}
+
     def fit(self, train: ImageSplit, mask: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """The feature-collision uint8 images of the examples in ``mask`` (cached)."""
         idx = mask.nonzero().squeeze(1).cpu()
@@ -174,15 +183,17 @@ class FeatureCollision(surrogate.SurrogateParams, CleanLabelAttack):
             "indices": surrogate.tensor_digest(idx.to(torch.int64)),
             "sources": surrogate.tensor_digest(src.to(torch.int64)),
             "data": fingerprint,
+            **self.extra_key(),
         }
 
         def build() -> dict[str, torch.Tensor]:
             model = self.load_surrogate(train, self.num_classes, device, fingerprint)
+            self._crafting = (train, idx, device)  # for a subclass that retrains while crafting
             images = train.images[idx].to(device)
             sources = train.images[src].to(device)
             return {"images": self._collide(model, images, sources), "indices": idx, "sources": src}
 
-        result = surrogate.cached_tensors("fc", key, build, self.cache_dir)
+        result = surrogate.cached_tensors(self.cache_kind, key, build, self.cache_dir)
         self.perturbed, self.perturbed_index, self.source_index = result["images"], result["indices"], result["sources"]
         return self.perturbed
 
