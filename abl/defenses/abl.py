@@ -334,15 +334,14 @@ class ABL(Defense):
         metrics: dict[str, dict[str, float]] = {}
         opt = None
         cached = self._cached_isolation(engine)
-        if cached is not None:
+        if cached is not None:  # isolation and recovery from the stage cache
             isolated, scores, stage_metrics = cached
             metrics.update(stage_metrics)
-            lookup = torch.zeros(len(engine.data), dtype=torch.bool, device=engine.device)
-            lookup[isolated] = True
         else:
             isolated, scores, metrics["isolation"] = self.run_isolation(engine)
-            lookup = torch.zeros(len(engine.data), dtype=torch.bool, device=engine.device)
-            lookup[isolated] = True
+        lookup = torch.zeros(len(engine.data), dtype=torch.bool, device=engine.device)
+        lookup[isolated] = True
+        if cached is None:
             if self.recovery_epochs:
                 opt, metrics["recovery"] = self.run_recovery(engine, lookup)
             self._store_isolation(engine, metrics)
