@@ -306,8 +306,8 @@ def test_heldout_selection_keeps_the_epoch_that_fits_the_suspects_least(digits, 
     real_fit = engine.train_fit
     snapshots: list[dict] = []
 
-    def scripted(index):
-        correct, losses = real_fit(index)
+    def scripted(index, *data):
+        correct, losses = real_fit(index, *data)
         if len(index) == len(held) and torch.equal(index.cpu(), held.cpu()) and engine.history[-1]["phase"] == "unlearning":
             if len(snapshots) < len(engine.history) - n0:  # once per epoch (the watch), not the final check
                 snapshots.append({k: v.clone() for k, v in engine.model.state_dict().items()})
