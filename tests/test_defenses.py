@@ -19,7 +19,7 @@ SHORT = {
     "none": {"epochs": 3, "lr": 0.05},
     "detect": {"backdoor": {"epochs": 2, "lr": 0.05}, "detector": {"name": "spectral_signatures"}, "rate": 0.05},
     "fine_pruning": {"backdoor": {"epochs": 2, "lr": 0.05}, "epochs": 1},
-    "neural_cleanse": {"backdoor": {"epochs": 2, "lr": 0.05}, "epochs": 2},
+    "neural_cleanse": {"backdoor": {"epochs": 2, "lr": 0.05}, "steps": 2, "batches_per_step": 2},
     "mcr": {"backdoor": {"epochs": 2, "lr": 0.05}, "finetune_epochs": 1, "epochs": 2, "points": 3},
     "nad": {"backdoor": {"epochs": 2, "lr": 0.05}, "teacher_epochs": 1, "epochs": 1, "betas": [100.0, 100.0, 100.0]},
     "abl": {
