@@ -36,6 +36,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from abl.config import apply_overrides  # noqa: E402
 from abl.experiment import build_experiment, run_experiment  # noqa: E402
 from abl.report import comparison_sections, write_report  # noqa: E402
 from abl.store import RunStore  # noqa: E402
@@ -89,6 +90,12 @@ def table8_unlearners(scale: float) -> list[dict]:
     ]
 
 
+def label(spec: dict) -> str:
+    """A part's name for ``--only`` and the run name: NC + ABL unlearning is
+    ``neural_cleanse+gga``."""
+    return spec["name"] + (f"+{spec['unlearner']['name']}" if "unlearner" in spec else "")
+
+
 def base(args: argparse.Namespace, config: str) -> dict:
     raw = yaml.safe_load((REPO / "configs" / config).read_text())
     raw["dataset"] = {"name": "cifar10", "root": args.root}
@@ -121,24 +128,36 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=5000)
     parser.add_argument("--test", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--backdoor-epochs", type=int, default=20, help="figure7: the backdoored model's epochs")
+    parser.add_argument("--backdoor-epochs", type=int, default=20, help="figure7/baselines: the backdoored model's epochs")
+    parser.add_argument("--backdoor-milestones", type=int, nargs="*", default=None,
+                        help="its lr milestones (default: 3/4 of the epochs; the paper's full scale: 20 70)")
     parser.add_argument("--recovery-epochs", type=int, default=10, help="table8: recovery epochs before unlearning")
     parser.add_argument("--curve-epochs", type=int, default=100, help="baselines: MCR's curve epochs")
     parser.add_argument("--weights", help="table8: a ResNet-34 state dict for finetune_imagenet (default: random)")
-    parser.add_argument("--only", nargs="*", help="run only these detectors / unlearners (by name)")
+    parser.add_argument("--attack", default=None, help="baselines: the attack (default: the config's, BadNets)")
+    parser.add_argument("--attack-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="baselines: override an attack value (e.g. trigger_file=PATH), repeatable")
+    parser.add_argument("--part-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of every part's spec (e.g. steps=200), repeatable")
+    parser.add_argument("--only", nargs="*",
+                        help="run only these detectors / unlearners / defenses (by label: the name, plus '+UNLEARNER' for NC + unlearning)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = RunStore(out / "runs")
     records = []
     e = args.backdoor_epochs
-    backdoor = {"epochs": e, "lr": 0.1, "milestones": [int(e * 0.75)]}
+    milestones = args.backdoor_milestones if args.backdoor_milestones is not None else [int(e * 0.75)]
+    backdoor = {"epochs": e, "lr": 0.1, "milestones": milestones}
     if args.what == "figure7":
         raw = base(args, "cifar10-badnets-figure7.yaml")
         raw["defense"]["backdoor"] = backdoor
         specs = FIGURE7
     elif args.what == "baselines":
         raw = base(args, "cifar10-badnets-posttrain.yaml")
+        if args.attack:
+            raw["attack"]["name"] = args.attack
+        raw["attack"] = apply_overrides(raw["attack"], args.attack_set)
         specs = [{**b, "backdoor": backdoor, **({"epochs": args.curve_epochs} if b["name"] == "mcr" else {})}
                  for b in BASELINES]
     else:
@@ -150,14 +169,15 @@ def main() -> None:
             if s.get("weights") == "PLACEHOLDER":
                 s["weights"] = weights
     for spec in specs:
-        if args.only and spec["name"] not in args.only:
+        if args.only and label(spec) not in args.only:
             continue
         cfg = copy.deepcopy(raw)
+        spec = apply_overrides(copy.deepcopy(spec), args.part_set)
         if args.what == "baselines":
             cfg["defense"] = {"clean_fraction": raw["defense"]["clean_fraction"], **spec}
         else:
             cfg["defense"]["detector" if args.what == "figure7" else "unlearner"] = spec
-        cfg["name"] = f"{args.what}-{spec['name']}"
+        cfg["name"] = f"{args.what}-{cfg['attack']['name']}-{label(spec)}"
         t0 = time.perf_counter()
         rec = run_experiment(build_experiment(cfg), store)
         took = time.perf_counter() - t0
