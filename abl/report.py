@@ -8,6 +8,8 @@ figures:
   epochs (mean and 10-90 percentile band, log scale), as in Figure 6 of the ABL paper;
   from the arrays ``example_losses`` (E, N) and ``poison_mask`` (N,).
 * ``<run>-curves.png``: clean accuracy and ASR per epoch, from ``history.jsonl``.
+* ``<run>-attack-examples.png``: clean training images above the same images triggered
+  (and the style domain), when the attack stored ``examples_*`` with its trigger (DFST).
 * ``<run>-isolated.png``: the isolated examples (green border: truly poisoned, red: not),
   from ``isolated_images`` / ``isolated_is_poison`` / ``isolated_indices``, plus
   ``<run>-isolated.csv``.
@@ -391,6 +393,33 @@ def plot_nc_triggers(rec: RunRecord, path: Path) -> bool:
     return True
 
 
+def plot_attack_examples(rec: RunRecord, path: Path) -> bool:
+    """Clean training images above the same images triggered, and the style domain when the
+    attack has one (DFST): from the ``examples_*`` tensors the attack stored in ``trigger``."""
+    if not (rec.path / "trigger.safetensors").is_file():
+        return False
+    arts = rec.tensors("trigger")
+    if "examples_clean" not in arts or "examples_triggered" not in arts:
+        return False
+    rows = [("clean", arts["examples_clean"]), ("triggered", arts["examples_triggered"])]
+    if "style_examples" in arts:
+        rows.append(("style domain", arts["style_examples"]))
+    k = max(len(r) for _, r in rows)
+    fig = _new_figure(max(4.0, 1.0 * k), 1.1 * len(rows) + 0.4)
+    for i, (name, images) in enumerate(rows):
+        for j in range(len(images)):
+            ax = fig.add_subplot(len(rows), k, i * k + j + 1)
+            ax.imshow(images[j].numpy().transpose(1, 2, 0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name, fontsize=7)
+    fig.suptitle(f"{rec.attack}: clean vs triggered training images", fontsize=8)
+    fig.subplots_adjust(top=0.85, bottom=0.02, hspace=0.1)
+    _save(fig, path)
+    return True
+
+
 def _has_ground_truth(rec: RunRecord) -> bool:
     """Whether the run applied a known attack, so that poisoned / clean labels mean something."""
     return bool((rec.meta.get("components") or {}).get("attack")) or rec.has_array("isolated_is_poison")
@@ -542,6 +571,9 @@ def _run_section(rec: RunRecord, out_dir: Path) -> list[str]:
         png = out_dir / f"{stem}-mode-curve.png"
         plot_mode_curve(rec, png)
         lines += ["### Mode-connectivity curve", "", f"![CA and ASR along the curve]({png.name})", ""]
+    if plot_attack_examples(rec, out_dir / f"{stem}-attack-examples.png"):
+        lines += ["### The trigger on training images", "",
+                  f"![Clean vs triggered images]({stem}-attack-examples.png)", ""]
     if rec.status == FINISHED and plot_nc_triggers(rec, out_dir / f"{stem}-nc-triggers.png"):
         lines += ["### Neural Cleanse: reversed triggers", "",
                   f"![Reversed trigger per class]({stem}-nc-triggers.png)", ""]

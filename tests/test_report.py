@@ -286,3 +286,23 @@ def test_report_draws_neural_cleanse_triggers(tmp_path):
     text = write_report(store, [run.run_id], tmp_path / "out").read_text()
     assert f"![Reversed trigger per class]({run.run_id}-nc-triggers.png)" in text
     _check_png(tmp_path / "out" / f"{run.run_id}-nc-triggers.png")
+
+
+def test_report_draws_the_attack_on_training_images(tmp_path):
+    """DFST stores clean / restyled examples and its style domain with the trigger; the
+    report shows them (issue 11: "a grid of clean vs restyled images in the report")."""
+    import torch
+
+    store = RunStore(tmp_path / "runs")
+    with store.create_run({**CONFIG, "attack": {"name": "dfst"}}, name="dfst", seed=0) as run:
+        clean = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+        run.save_tensors("trigger", {"examples_clean": clean, "examples_triggered": 255 - clean,
+                                     "style_examples": clean[:2]})
+        run.finish({"final": {"clean_acc": 0.9, "asr": 1.0}}, wall_s=1.0)
+    with store.create_run(CONFIG, name="plain", seed=0) as plain:
+        plain.save_tensors("trigger", {"mask": torch.ones(1, 8, 8)})
+        plain.finish({"final": {"clean_acc": 0.9, "asr": 1.0}}, wall_s=1.0)
+    text = write_report(store, [run.run_id, plain.run_id], tmp_path / "out").read_text()
+    assert f"![Clean vs triggered images]({run.run_id}-attack-examples.png)" in text
+    _check_png(tmp_path / "out" / f"{run.run_id}-attack-examples.png")
+    assert not (tmp_path / "out" / f"{plain.run_id}-attack-examples.png").exists()

@@ -31,36 +31,7 @@ from abl.defenses.base import DEFENSES
 from abl.defenses.posttrain import PostTraining
 from abl.engine import Engine
 from abl.metrics import phase_metrics
-
-#: modules that only normalise, activate or pool: a group's output is the last module before them
-_NOT_A_GROUP = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.ReLU, torch.nn.MaxPool2d, torch.nn.AvgPool2d,
-                torch.nn.Dropout, torch.nn.Identity)
-
-
-def residual_groups(model: torch.nn.Module, image_size: int) -> list[torch.nn.Module]:
-    """The modules whose outputs NAD distils: for each feature-map shape along
-    ``model.body``, the last module (not a BatchNorm, activation or pooling) producing it.
-    WRN-16-1 gives its three groups, a ResNet its four stages, the small CNN its convs."""
-    shapes: dict[int, tuple[int, ...]] = {}
-    children = list(model.body.children())  # type: ignore[union-attr]
-    hooks = [c.register_forward_hook(lambda m, _i, out, k=i: shapes.__setitem__(k, tuple(out.shape[1:])))
-             for i, c in enumerate(children)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            model(torch.zeros(1, 3, image_size, image_size, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    last: dict[tuple[int, ...], int] = {}
-    for i, c in enumerate(children):
-        if not isinstance(c, _NOT_A_GROUP) and len(shapes[i]) == 3:
-            last[shapes[i]] = i
-    return [children[i] for i in sorted(last.values())]
-
+from abl.models.features import residual_groups
 
 def attention_map(fm: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:
     """Channel sum of ``|fm|^p``, divided by its L2 norm over the spatial positions."""
