@@ -108,12 +108,12 @@ class StyleNet(nn.Module):
 
     def __init__(self, width: int = 16, blocks: int = 3) -> None:
         super().__init__()
-        self.inp = nn.Conv2d(3, width, 3, padding=1)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))
-            for _ in range(blocks)
-        )
-        self.out = nn.Conv2d(width, 3, 3, padding=1)
+        # reflection padding (as CycleGAN's generator): zero padding left a bright frame
+        # around restyled CIFAR-10 images, an easier trigger than the style itself
+        conv = lambda cin, cout: nn.Conv2d(cin, cout, 3, padding=1, padding_mode="reflect")  # noqa: E731
+        self.inp = conv(3, width)
+        self.blocks = nn.ModuleList(nn.Sequential(conv(width, width), nn.ReLU(), conv(width, width)) for _ in range(blocks))
+        self.out = conv(width, 3)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -323,7 +323,8 @@ class DFST(surrogate.SurrogateParams, Attack):
         Both are cached: the generator by the style settings, the detoxicants also by the
         poisoning (rate, seed, target) and detoxification settings."""
         fingerprint = surrogate.data_fingerprint(train)
-        style_key = {"surrogate": self.surrogate_key(), "num_classes": self.num_classes, "data": fingerprint,
+        style_key = {"generator": "stylenet-reflect", "surrogate": self.surrogate_key(), "num_classes": self.num_classes,
+                     "data": fingerprint,
                      "styles": surrogate.tensor_digest(self._styles()),
                      **{f: getattr(self, f) for f in ("style_steps", "style_lr", "style_batch", "style_weight",
                                                       "content_weight", "width", "blocks")}}
