@@ -134,6 +134,61 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: a local Ray "
+                   "started for this command")
+    p.add_argument("--cpus-per-run", type=_positive(float), default=1.0, help="CPUs per cell (also its torch threads; "
+                   "default 1)")
+    p.add_argument("--gpus-per-run", type=float, default=0.0, help="GPU share per cell: 0.25 puts four small runs on "
+                   "one GPU (default 0)")
+    p.add_argument("--num-cpus", type=_positive(int), help="CPUs of the local Ray (default: all)")
+    p.add_argument("--max-concurrent", type=_positive(int), help="at most this many cells at once (default: as many "
+                   "as the resources allow)")
+    p.add_argument("--seeds", type=_positive(int), help="run every cell with seeds 0..N-1 (tables show mean ± sd)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value in every cell, "
+                   "repeatable")
+
+
+def _sweep_options(args: argparse.Namespace) -> dict:
+    if args.gpus_per_run < 0:
+        raise AblError(f"--gpus-per-run must be >= 0, got {args.gpus_per_run}")
+    return {"address": args.address, "cpus_per_run": args.cpus_per_run, "gpus_per_run": args.gpus_per_run,
+            "num_cpus": args.num_cpus, "max_concurrent": args.max_concurrent}
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from abl.sweep import load_grid, run_sweep, sweep_table
+
+    grid = load_grid(args.grid, seeds=args.seeds, overrides=args.set)
+    runs_dir = Path(args.runs_dir or grid.runs_dir or grid.base.get("output", {}).get("runs_dir") or "runs")
+    result = run_sweep(grid, runs_dir, progress=lambda line: print(line, flush=True), **_sweep_options(args))
+    axes = [k for k, _ in grid.axes]
+    table = sweep_table(result.cells, result.records, axes)
+    out = runs_dir / f"sweep-{grid.name}.md"
+    out.write_text(f"# grid {grid.name}\n\n{len(result.records)} of {len(result.cells)} cells finished "
+                   f"({result.skipped} from earlier runs); store: {runs_dir}\n\n{table}", encoding="utf-8")
+    print(table)
+    print(f"table: {out}")
+    if result.failed:
+        for cid, message in result.failed.items():
+            print(f"abl: cell {cid} failed: {message}", file=sys.stderr)
+        print(f"abl: {len(result.failed)} cell(s) failed; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from abl import __version__
 
@@ -168,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", choices=["finished", "failed", "running", "interrupted"], help="only runs with this status")
     p.add_argument("--out", help="write report.md and PNG plots into this folder")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("sweep", help="run a grid of experiments (axes x seeds) on Ray; rerun to finish an interrupted grid")
+    p.add_argument("grid", help="grid YAML: a base config plus axes (see abl/sweep.py)")
+    p.add_argument("--runs-dir", help="results folder (default: the grid's runs_dir, else the base config's)")
+    _sweep_args(p)
+    p.set_defaults(func=_cmd_sweep)
     return parser
 
 

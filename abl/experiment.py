@@ -290,8 +290,12 @@ def run_experiment(
     exp: Experiment,
     store: RunStore | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    sweep: dict[str, Any] | None = None,
 ) -> RunRecord:
     """Load, poison once, train with the defense, and record everything in the store.
+
+    ``sweep`` (set by ``abl sweep``): the grid and cell this run belongs to, recorded in its
+    config under ``sweep`` so that a rerun of the grid finds it finished.
 
     A run that raises (bad data, divergence) is marked failed, never finished; one stopped
     by Ctrl-C or SIGTERM is marked interrupted and can be continued with
@@ -303,12 +307,14 @@ def run_experiment(
     resolved = exp.resolved()
     resolved["device"] = str(prep.device)
     resolved["threads_used"] = torch.get_num_threads()
+    if sweep is not None:
+        resolved["sweep"] = dict(sweep)
     writer = store.create_run(resolved, name=exp.name, seed=exp.seed)
     return _execute(exp, store, writer, prep, on_epoch, t_start=t_start)
 
 
 #: keys that ``run_experiment`` adds to the resolved config it records (not config keys)
-_RECORDED_EXTRA = ("device", "threads_used")
+_RECORDED_EXTRA = ("device", "threads_used", "sweep")
 
 
 def resume_experiment(

@@ -73,6 +73,48 @@ def stage_key(kind: str, engine: Engine, spec: dict[str, Any]) -> str:
     return h.hexdigest()[:32]
 
 
+class StageLock:
+    """An exclusive advisory lock (``flock``) on ``<stage file>.lock``, held by the one run
+    that computes a stage, so that runs sharing a cache folder (the cells of ``abl sweep``
+    on one machine or a shared filesystem) compute it once: the others wait, then read the
+    cached file. The kernel drops the lock when its process dies, so a killed run never
+    blocks the others. Where ``fcntl`` is missing (Windows) it locks nothing."""
+
+    def __init__(self, stage_file: Path) -> None:
+        self.path = stage_file.with_name(stage_file.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> "StageLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on POSIX
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def claim_stage(path: Path | None) -> tuple[bool, StageLock | None]:
+    """Whether the stage at ``path`` is cached (``hit``); on a miss, the lock to hold while
+    computing it. A run that waited for another one's lock finds the file and gets a hit."""
+    if path is None:
+        return False, None
+    if path.is_file():
+        return True, None
+    lock = StageLock(path).acquire()
+    if path.is_file():
+        lock.release()
+        return True, None
+    return False, lock
+
+
 def stage_dir_for(cache_dir: str | os.PathLike | None) -> Path:
     from abl.data.cache import resolve_cache_dir
 
@@ -91,10 +133,12 @@ def backdoored_model(engine: Engine, schedule: BackdoorSchedule) -> dict[str, An
     """
     stages = engine.state.setdefault("stages", {})
     spec = {"schedule": asdict(schedule)}
-    if "backdoored" not in stages:
+    lock = None
+    if "backdoored" not in stages:  # decided once; a resumed run keeps its checkpoint's decision
         key = stage_key("backdoored", engine, spec)
         path = engine.stage_dir / f"backdoored-{key}.safetensors" if engine.stage_dir is not None else None
-        stages["backdoored"] = {"key": key, "hit": bool(path is not None and path.is_file())}
+        hit, lock = claim_stage(path)
+        stages["backdoored"] = {"key": key, "hit": hit}
     info = stages["backdoored"]
     path = engine.stage_dir / f"backdoored-{info['key']}.safetensors" if engine.stage_dir is not None else None
     if info["hit"]:
@@ -103,18 +147,22 @@ def backdoored_model(engine: Engine, schedule: BackdoorSchedule) -> dict[str, An
         engine.model.load_state_dict(weights)
         engine.skip_phase("backdoor")
         return {**info, "metrics": meta["metrics"]}
-    engine.run_phase(
-        "backdoor",
-        epochs=schedule.epochs,
-        lr=schedule.lr,
-        milestones=schedule.milestones,
-        lr_factor=schedule.lr_factor,
-        augment=AugmentConfig() if schedule.augment else None,
-    )
-    last = engine.history[-1]
-    metrics = {k: float(last[k]) for k in ("clean_acc", "asr") if k in last}
-    if path is not None:
-        _write(path, engine.model.state_dict(), {"spec": spec, "engine": _engine_settings(engine), "metrics": metrics})
+    try:
+        engine.run_phase(
+            "backdoor",
+            epochs=schedule.epochs,
+            lr=schedule.lr,
+            milestones=schedule.milestones,
+            lr_factor=schedule.lr_factor,
+            augment=AugmentConfig() if schedule.augment else None,
+        )
+        last = engine.history[-1]
+        metrics = {k: float(last[k]) for k in ("clean_acc", "asr") if k in last}
+        if path is not None:
+            _write(path, engine.model.state_dict(), {"spec": spec, "engine": _engine_settings(engine), "metrics": metrics})
+    finally:
+        if lock is not None:
+            lock.release()
     return {**info, "metrics": metrics}
 
 

@@ -522,6 +522,16 @@ class RunStore:
         self._index_put(_record_from_folder(folder))
         return writer
 
+    def add_folder(self, run_id: str) -> RunRecord:
+        """Index a complete run folder that was put under the root from elsewhere (``abl
+        sweep`` moves in the runs its workers made); StoreError if it is not a run."""
+        folder = self.root / run_id
+        if run_id.startswith(".") or not (folder / "meta.json").is_file():
+            raise StoreError(f"'{folder}' is not a run folder (no meta.json)")
+        rec = _record_from_folder(folder)
+        self._index_put(rec)
+        return rec
+
     def check_resumable(self, rec: RunRecord) -> None:
         """Raise StoreError unless ``rec`` is an interrupted run (the only kind that resumes)."""
         if rec.status == INTERRUPTED:

@@ -331,6 +331,18 @@ class ABL(Defense):
         return order, scores[order]
 
     def run(self, engine: Engine) -> DefenseResult:
+        try:
+            return self._run(engine)
+        finally:
+            self._release_stage_lock()
+
+    def _release_stage_lock(self) -> None:
+        lock = getattr(self, "_stage_lock", None)
+        if lock is not None:
+            lock.release()
+            self._stage_lock = None
+
+    def _run(self, engine: Engine) -> DefenseResult:
         metrics: dict[str, dict[str, float]] = {}
         opt = None
         cached = self._cached_isolation(engine)
@@ -438,7 +450,7 @@ class ABL(Defense):
         """The isolation stage from the cache, put into ``engine`` (model, history, loss
         record); None on a miss (then it is trained and stored) or when not caching. The
         decision is kept in ``engine.state`` so a resumed run makes the same one."""
-        from abl.stages import read_stage, stage_key, stage_path
+        from abl.stages import claim_stage, read_stage, stage_key, stage_path
 
         spec = self._isolation_spec(engine)
         if spec is None or engine.stage_dir is None:
@@ -446,8 +458,10 @@ class ABL(Defense):
         stages = engine.state.setdefault("stages", {})
         if "isolated" not in stages:
             key = stage_key("isolated", engine, spec)
-            path = stage_path(engine, "isolated", key)
-            stages["isolated"] = {"key": key, "hit": bool(path is not None and path.is_file())}
+            # on a miss, hold the stage's lock until it is stored (or the run ends), so that
+            # concurrent runs of a sweep wait and read it instead of computing it again
+            hit, self._stage_lock = claim_stage(stage_path(engine, "isolated", key))
+            stages["isolated"] = {"key": key, "hit": hit}
         info = stages["isolated"]
         if not info["hit"]:
             return None
@@ -476,6 +490,7 @@ class ABL(Defense):
             "spec": self._isolation_spec(engine), "engine": _engine_settings(engine), "phases": list(engine._phases),
             "history": engine.history, "metrics": metrics,
         })
+        self._release_stage_lock()
 
     def split_holdout(self, isolated: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(unlearned, held out): a seeded ``unlearning_holdout`` share of ``isolated``."""

@@ -1,0 +1,514 @@
+"""Experiment grids (``abl sweep``): a base experiment times axes times seeds, each cell one
+``abl run`` executed as a Ray task.
+
+A grid file is YAML::
+
+    name: cifar-attacks
+    base: cifar10-badnets-abl-default.yaml   # a config file (relative to the grid) or a mapping
+    set: [train.threads=1]                    # overrides applied to every cell (optional)
+    axes:                                     # their cartesian product, in this order
+      attack: [badnets, blend]                # a component name: the base section's parameters
+                                              # that the new component also takes are kept
+      defense.isolation_rate: [0.01, 0.05]    # a dotted key: that value
+    seeds: 3                                  # or a list [0, 1, 2]: the experiment seed (and the
+                                              # attack's, which defaults to it)
+
+Each cell has a stable id, the hash of its resolved config (every default filled in; the
+``output`` section and the thread count left out, since they do not change what is
+computed). The id is recorded with the run (``sweep.cell`` in its config), so rerunning the
+same grid skips finished cells, resumes a cell a killed worker left behind in its work
+folder (``abl resume`` semantics) and reruns the rest. Workers run into a work folder and
+send the finished run folder back to the driver as bytes, so results land in the driver's
+store even when the workers share no filesystem with it. Stages (the backdoored model, the
+isolation result) are cached by content in ``output.cache_dir`` under a file lock, so cells
+on one filesystem compute a shared stage once (see :mod:`abl.stages`).
+
+Ray (Moritz et al., OSDI 2018) is an optional dependency: ``pip install -e ".[sweep]"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import shutil
+import socket
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from abl.config import apply_overrides, load_yaml, to_plain
+from abl.errors import AblError, ConfigError
+from abl.store import FAILED, FINISHED, INTERRUPTED, RunRecord, RunStore
+
+GRID_KEYS = ("name", "base", "set", "axes", "seeds", "runs_dir")
+COMPONENT_SECTIONS = ("dataset", "model", "attack", "defense")
+WORK_DIR = ".sweep"  # under the runs folder; hidden, so the store never lists it as a run
+RAY_HINT = 'abl sweep runs on Ray: install it with `pip install -e ".[sweep]"` (or `pip install "ray>=2.9"`)'
+SUMMARY_METRICS = ("clean_acc", "asr", "iso_precision")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One experiment of a grid: its axis values (and seed), its raw config and stable id."""
+
+    cell_id: str
+    values: dict[str, Any]
+    raw: dict[str, Any]
+
+    def label(self) -> str:
+        return ", ".join(f"{k}={_short(v)}" for k, v in self.values.items()) or "(base)"
+
+    def group(self) -> tuple[tuple[str, str], ...]:
+        """The cell's axis values without the seed: the cells that differ only in seed."""
+        return tuple((k, _short(v)) for k, v in self.values.items() if k != "seed")
+
+
+@dataclass
+class Grid:
+    """A validated grid: base config, axes, seeds and fixed overrides."""
+
+    name: str
+    base: dict[str, Any]
+    axes: list[tuple[str, list[Any]]] = field(default_factory=list)
+    seeds: list[int] | None = None
+    overrides: list[str] = field(default_factory=list)
+    runs_dir: str | None = None
+
+    def cells(self, threads: int | None = None) -> list[Cell]:
+        """Every cell, validated (a bad one raises ConfigError naming it). ``threads``: the
+        torch threads each cell gets when its config leaves ``train.threads`` at 0."""
+        from abl.experiment import build_experiment
+
+        axes = list(self.axes) + ([("seed", list(self.seeds))] if self.seeds is not None else [])
+        out: list[Cell] = []
+        seen: dict[str, str] = {}
+        for combo in itertools.product(*[values for _, values in axes]):
+            values = {key: value for (key, _), value in zip(axes, combo)}
+            raw = apply_overrides(copy.deepcopy(self.base), list(self.overrides))
+            for key, value in values.items():
+                _set_axis(raw, key, value)
+            if threads and not (raw.get("train") or {}).get("threads"):
+                raw.setdefault("train", {})
+                raw["train"] = {**raw["train"], "threads": int(threads)}
+            label = ", ".join(f"{k}={_short(v)}" for k, v in values.items()) or "(base)"
+            try:
+                exp = build_experiment(copy.deepcopy(raw))
+            except ConfigError as exc:
+                raise ConfigError(f"grid '{self.name}', cell {label}: {exc}") from None
+            cid = cell_id(exp.resolved())
+            if cid in seen:
+                raise ConfigError(f"grid '{self.name}': cells {seen[cid]} and {label} are the same experiment; "
+                                  "remove the axis value that changes nothing")
+            seen[cid] = label
+            out.append(Cell(cid, values, raw))
+        return out
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, Mapping):
+        name = value.get("name")
+        rest = {k: v for k, v in value.items() if k != "name"}
+        return f"{name}{json.dumps(to_plain(rest), sort_keys=True, separators=(',', ':'))}" if rest else str(name)
+    return "none" if value is None else str(value)
+
+
+def _set_axis(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set one axis value in a raw config. A component name for a component section keeps
+    the base section's parameters that the new component also takes."""
+    path = [p for p in key.split(".") if p]
+    value = copy.deepcopy(value)
+    if len(path) == 1 and path[0] in COMPONENT_SECTIONS and isinstance(value, str) and value != "none":
+        from abl.registries import all_registries
+        from abl.registry import describe
+
+        registry = all_registries()[path[0]]
+        if value not in registry.names():
+            raise ConfigError(f"axis '{key}': unknown {path[0]} '{value}'; choose from {', '.join(registry.names())}")
+        base = raw.get(path[0])
+        params = {p.name for p in describe(registry.get(value))}
+        kept = {k: v for k, v in base.items() if k in params} if isinstance(base, dict) else {}
+        raw[path[0]] = {**kept, "name": value}
+        return
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif isinstance(nxt, str) and i == 0:
+            nxt = node[part] = {"name": nxt}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"axis '{key}': '{'.'.join(path[: i + 1])}' is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+#: config keys that do not change what a run computes, left out of the cell id
+_ID_IGNORED_TRAIN = ("threads", "checkpoint", "checkpoint_every_s")
+
+
+def cell_id(resolved: Mapping[str, Any]) -> str:
+    """The stable id of an experiment: a hash of its resolved config without ``output`` and
+    the thread/checkpoint settings."""
+    plain = {k: v for k, v in to_plain(dict(resolved)).items() if k not in ("output", "device", "threads_used", "sweep")}
+    plain["train"] = {k: v for k, v in (plain.get("train") or {}).items() if k not in _ID_IGNORED_TRAIN}
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_grid(path: str | Path, seeds: int | None = None, overrides: list[str] | None = None) -> Grid:
+    """Read and validate a grid file. ``seeds`` (``--seeds N``) replaces the file's seeds
+    with 0..N-1; ``overrides`` are added to its ``set``."""
+    from abl.experiment import resolve_input_paths
+
+    path = Path(path)
+    raw = load_yaml(path)
+    unknown = sorted(set(raw) - set(GRID_KEYS))
+    if unknown:
+        raise ConfigError(f"grid {path}: unknown key '{unknown[0]}'; valid keys: {', '.join(GRID_KEYS)}")
+    here = path.absolute().parent
+    base = raw.get("base")
+    if isinstance(base, str):
+        base_path = (here / base) if not Path(base).expanduser().is_absolute() else Path(base).expanduser()
+        if not base_path.is_file():
+            raise ConfigError(f"grid {path}: base config '{base}' not found (looked at {base_path})")
+        base = resolve_input_paths(load_yaml(base_path), base_path.absolute().parent)
+    elif isinstance(base, dict):
+        base = resolve_input_paths(base, here)
+    else:
+        raise ConfigError(f"grid {path}: 'base' must be a config file path or a mapping, got {base!r}")
+    axes_raw = raw.get("axes") or {}
+    if not isinstance(axes_raw, dict):
+        raise ConfigError(f"grid {path}: 'axes' must map a config key to a list of values")
+    axes: list[tuple[str, list[Any]]] = []
+    for key, values in axes_raw.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid {path}: axis '{key}' must be a non-empty list of values, got {values!r}")
+        if key == "seed":
+            raise ConfigError(f"grid {path}: give seeds with 'seeds: N' (or a list), not as an axis")
+        axes.append((str(key), values))
+    seed_list = _seed_list(raw.get("seeds"), f"grid {path}: 'seeds'")
+    if seeds is not None:
+        seed_list = _seed_list(seeds, "--seeds")
+    fixed = raw.get("set") or []
+    if not isinstance(fixed, list) or not all(isinstance(s, str) for s in fixed):
+        raise ConfigError(f"grid {path}: 'set' must be a list of 'key=value' strings")
+    name = raw.get("name") or path.stem
+    runs_dir = raw.get("runs_dir")
+    if runs_dir is not None and not Path(str(runs_dir)).expanduser().is_absolute():
+        runs_dir = str(here / str(runs_dir))
+    return Grid(str(name), base, axes, seed_list, list(fixed) + list(overrides or []), runs_dir)
+
+
+def _seed_list(value: Any, where: str) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be a count or a list of integers, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ConfigError(f"{where} must be >= 1, got {value}")
+        return list(range(value))
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{where} repeats a seed: {value}")
+        return list(value)
+    raise ConfigError(f"{where} must be a count or a list of integers, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- the worker side
+
+
+def _pack(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(folder, arcname=folder.name)
+    return buf.getvalue()
+
+
+def _cell_of(rec: RunRecord) -> str | None:
+    try:
+        sweep = rec.config.get("sweep")
+    except Exception:  # noqa: BLE001 - an unreadable config is not this cell's run
+        return None
+    return sweep.get("cell") if isinstance(sweep, dict) else None
+
+
+def run_cell(raw: dict[str, Any], cell: str, sweep_info: dict[str, Any], work_dir: str) -> dict[str, Any]:
+    """Run one cell into its work folder (a Ray task; also callable directly) and return the
+    run folder packed as tar bytes with its status.
+
+    A finished run already in the work folder is sent again (the driver died before it was
+    received); an interrupted one (its worker was killed) is resumed from its checkpoint.
+    """
+    from abl.experiment import build_experiment, resume_experiment, run_experiment
+
+    work = Path(work_dir)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a worker on a machine without the driver's filesystem
+        work = Path(tempfile.gettempdir()) / "abl-sweep" / cell
+        work.mkdir(parents=True, exist_ok=True)
+    store = RunStore(work)
+    mine = [r for r in store.list_runs() if _cell_of(r) == cell]
+    status, message, resumed = FINISHED, None, False
+    t0 = time.perf_counter()
+    rec = next((r for r in mine if r.status == FINISHED), None)
+    try:
+        if rec is None:
+            interrupted = next((r for r in mine if r.status == INTERRUPTED), None)
+            if interrupted is not None:
+                resumed = True
+                rec = resume_experiment(interrupted.run_id, store)
+            else:
+                exp = build_experiment(copy.deepcopy(raw))
+                exp.output.runs_dir = str(work)
+                rec = run_experiment(exp, store, sweep={**sweep_info, "cell": cell})
+    except Exception as exc:  # noqa: BLE001 - reported to the driver with the failed run folder
+        status, message = FAILED, f"{type(exc).__name__}: {exc}"
+        failed = [r for r in store.list_runs() if _cell_of(r) == cell and r.status == FAILED]
+        rec = failed[0] if failed else None
+    return {
+        "cell": cell, "status": status, "message": message, "resumed": resumed,
+        "run_id": rec.run_id if rec is not None else None,
+        "tar": _pack(rec.path) if rec is not None else None,
+        "host": socket.gethostname(), "work_dir": str(work), "wall_s": time.perf_counter() - t0,
+    }
+
+
+# ----------------------------------------------------------------------------- the driver side
+
+
+def _safe_extract(data: bytes, dest: Path, run_id: str) -> None:
+    """Unpack a worker's run folder; only plain files and folders under ``run_id/``."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        for m in tar.getmembers():
+            parts = Path(m.name).parts
+            if Path(m.name).is_absolute() or ".." in parts or not parts or parts[0] != run_id or not (m.isfile() or m.isdir()):
+                raise AblError(f"a sweep worker sent an unexpected archive entry '{m.name}'; nothing was stored")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+            tar.extractall(dest, filter="data")
+        else:  # pragma: no cover - the members were checked above
+            tar.extractall(dest)
+
+
+def ingest(store: RunStore, result: Mapping[str, Any]) -> RunRecord | None:
+    """Put a worker's run folder into the driver's store (atomically: unpacked beside it,
+    then renamed). A cell that already has a finished run in the store is not added twice."""
+    run_id, data = result.get("run_id"), result.get("tar")
+    if not run_id or data is None:
+        return None
+    dest = store.root / run_id
+    if dest.exists():
+        return store.get(run_id)
+    if result["status"] == FINISHED:
+        earlier = finished_cells(store).get(result["cell"])
+        if earlier is not None:  # another driver stored this cell meanwhile: keep that run
+            return earlier
+    store.root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=store.root))
+    try:
+        _safe_extract(data, tmp, run_id)
+        os.replace(tmp / run_id, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return store.add_folder(run_id)
+
+
+def finished_cells(store: RunStore) -> dict[str, RunRecord]:
+    """Cell id -> its finished run, for every finished sweep run in the store."""
+    if not store.root.is_dir():
+        return {}
+    out: dict[str, RunRecord] = {}
+    for rec in store.list_runs(status=FINISHED):
+        cid = _cell_of(rec)
+        if cid is not None:
+            out.setdefault(cid, rec)
+    return out
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise AblError(RAY_HINT) from None
+    return ray
+
+
+@dataclass
+class SweepResult:
+    grid: Grid
+    cells: list[Cell]
+    records: dict[str, RunRecord]  # cell id -> finished run
+    skipped: int
+    failed: dict[str, str]  # cell id -> message
+    wall_s: float
+
+
+_LABEL = {"clean_acc": "CA", "asr": "ASR", "iso_precision": "isolation precision"}
+
+
+def _slots(resources: Mapping[str, float], cpus: float, gpus: float) -> int:
+    """How many cells the cluster runs at once (so "running" in the progress is true)."""
+    counts = [int(resources.get("CPU", 0) // cpus)] if cpus > 0 else []
+    if gpus > 0:
+        counts.append(int(resources.get("GPU", 0) // gpus))
+    return max(1, min(counts)) if counts else 0
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def run_sweep(
+    grid: Grid,
+    runs_dir: str | Path,
+    *,
+    address: str | None = None,
+    cpus_per_run: float = 1.0,
+    gpus_per_run: float = 0.0,
+    num_cpus: int | None = None,
+    max_concurrent: int | None = None,
+    progress: Callable[[str], None] = print,
+) -> SweepResult:
+    """Run every unfinished cell of ``grid`` on Ray (a local Ray started on demand, or the
+    cluster at ``address``) and collect the runs in the store at ``runs_dir``."""
+    t0 = time.perf_counter()
+    threads = max(1, int(cpus_per_run)) if cpus_per_run >= 1 else 1
+    cells = grid.cells(threads=threads)
+    store = RunStore(runs_dir)
+    done = finished_cells(store)
+    records = {c.cell_id: done[c.cell_id] for c in cells if c.cell_id in done}
+    pending = [c for c in cells if c.cell_id not in done]
+    total = len(cells)
+    progress(f"grid '{grid.name}': {total} cells, {len(records)} already finished, {len(pending)} to run")
+    failed: dict[str, str] = {}
+    if pending:
+        ray = _import_ray()
+        started = not ray.is_initialized()
+        if started:
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+            if address is None:
+                # "local": a new Ray of our own, never a cluster some other process left running
+                kwargs.update(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
+                              object_store_memory=256 * 1024**2)
+            else:
+                kwargs["address"] = address
+            try:
+                ray.init(**kwargs)
+            except Exception as exc:  # noqa: BLE001 - ConnectionError and Ray's own types
+                raise AblError(f"could not start or reach Ray ({'address ' + address if address else 'local'}): "
+                               f"{exc}") from None
+        try:
+            task = ray.remote(run_cell).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
+            work_root = (Path(runs_dir) / WORK_DIR).absolute()
+            info = {"grid": grid.name}
+            limit = max_concurrent or _slots(ray.cluster_resources(), cpus_per_run, gpus_per_run) or len(pending)
+            queue = list(pending)
+            inflight: dict[Any, tuple[Cell, float]] = {}
+            durations: list[float] = []
+            while queue or inflight:
+                while queue and len(inflight) < limit:
+                    cell = queue.pop(0)
+                    ref = task.remote(cell.raw, cell.cell_id, {**info, "values": {k: _short(v) for k, v in cell.values.items()}},
+                                      str(work_root / cell.cell_id))
+                    inflight[ref] = (cell, time.perf_counter())
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in ready:
+                    cell, start = inflight.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - a worker that died: the cell fails, the grid goes on
+                        result = {"cell": cell.cell_id, "status": FAILED, "message": f"worker lost: {exc}", "run_id": None}
+                    rec = ingest(store, result)
+                    shutil.rmtree(work_root / cell.cell_id, ignore_errors=True)
+                    if result["status"] == FINISHED and rec is not None:
+                        records[cell.cell_id] = rec
+                        durations.append(time.perf_counter() - start)
+                        m = rec.final_metrics
+                        figures = ", ".join(f"{_LABEL[k]} {100 * m[k]:.1f}%" for k in SUMMARY_METRICS if isinstance(m.get(k), float)
+                                            and not math.isnan(m[k]))
+                        what = f"finished in {time.perf_counter() - start:.0f} s" + (" (resumed)" if result.get("resumed") else "")
+                        what += f": {figures}" if figures else ""
+                    else:
+                        failed[cell.cell_id] = result.get("message") or "failed"
+                        what = f"FAILED: {failed[cell.cell_id]}"
+                    remaining = len(queue) + len(inflight)
+                    eta = ""
+                    if durations and remaining:
+                        eta = f", ETA {_fmt_eta(sum(durations) / len(durations) * math.ceil(remaining / max(1, min(limit, remaining))))}"
+                    progress(f"[{len(records)}/{total} done, {len(inflight)} running, {len(failed)} failed{eta}] "
+                             f"{cell.label()}: {what}")
+        finally:
+            if started:
+                ray.shutdown()
+    return SweepResult(grid, cells, records, total - len(pending), failed, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def group_stats(cells: list[Cell], records: Mapping[str, RunRecord],
+                metrics: tuple[str, ...] = SUMMARY_METRICS) -> list[dict[str, Any]]:
+    """One row per group of cells that differ only in seed: the axis values, the number of
+    finished seeds, and per metric (mean, standard deviation, min, max) in percent."""
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault(c.group(), []).append(c)
+    rows = []
+    for key, members in groups.items():
+        recs = [records[c.cell_id] for c in members if c.cell_id in records]
+        row: dict[str, Any] = {"axes": dict(key), "seeds": len(recs), "cells": len(members)}
+        for m in metrics:
+            vals = [100 * float(r.final_metrics[m]) for r in recs
+                    if isinstance(r.final_metrics.get(m), (int, float)) and not math.isnan(float(r.final_metrics[m]))]
+            if vals:
+                mean, sd = _stats(vals)
+                row[m] = {"mean": mean, "sd": sd, "min": min(vals), "max": max(vals), "n": len(vals)}
+        rows.append(row)
+    return rows
+
+
+def disagreement(row: Mapping[str, Any], threshold: float) -> list[str]:
+    """The metrics whose seeds are further apart than ``threshold`` points (max - min)."""
+    return [m for m in SUMMARY_METRICS if isinstance(row.get(m), dict) and row[m]["n"] > 1
+            and row[m]["max"] - row[m]["min"] > threshold]
+
+
+def sweep_table(result_cells: list[Cell], records: Mapping[str, RunRecord], axes: list[str],
+                disagree: float = 10.0) -> str:
+    """A Markdown table of a grid: mean ± sd over seeds (n), flagged where seeds disagree
+    by more than ``disagree`` points."""
+    from abl.report import METRIC_LABELS
+
+    rows = group_stats(result_cells, records)
+    metrics = [m for m in SUMMARY_METRICS if any(m in r for r in rows)]
+    header = list(axes) + ["seeds"] + [METRIC_LABELS.get(m, m) for m in metrics] + ["seeds disagree"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        cells = [r["axes"].get(a, "") for a in axes] + [f"{r['seeds']}/{r['cells']}"]
+        for m in metrics:
+            s = r.get(m)
+            if s is None:
+                cells.append("–")
+            elif s["n"] > 1:
+                cells.append(f"{s['mean']:.2f} ± {s['sd']:.2f}")
+            else:
+                cells.append(f"{s['mean']:.2f}")
+        flagged = disagreement(r, disagree)
+        cells.append(", ".join(f"**{METRIC_LABELS.get(m, m)} {r[m]['min']:.1f}–{r[m]['max']:.1f}**" for m in flagged))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

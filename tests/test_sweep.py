@@ -1,0 +1,229 @@
+"""``abl sweep`` (issue 12): grids of experiments as Ray tasks, resumable and idempotent,
+results in the driver's store, shared stages computed once across workers, tables with
+mean ± sd over seeds. The Ray tests start a local Ray with 2 CPUs on digits."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from abl.errors import AblError, ConfigError
+from abl.experiment import build_experiment
+from abl.store import FINISHED, RunStore
+from abl.sweep import Grid, cell_id, disagreement, finished_cells, group_stats, ingest, load_grid, run_sweep, sweep_table
+
+CLI = "import sys; from abl.cli import main; sys.exit(main(sys.argv[1:]))"
+BASE = {
+    "name": "grid",
+    "dataset": {"name": "digits"},
+    "model": {"name": "small_cnn", "width": 8},
+    "attack": {"name": "badnets", "rate": 0.1, "target": 0, "size": 3},
+    "defense": {"name": "none", "epochs": 6, "milestones": [4]},
+    "train": {"batch_size": 64, "eval_subset": 0, "progress": False, "checkpoint_every_s": 0},
+}
+AXES = {"attack": ["badnets", "blend"], "attack.rate": [0.05, 0.1]}
+
+
+def _grid_file(tmp_path: Path, base=None, axes=None, **extra) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "base": base or BASE, "axes": axes or AXES, **extra}))
+    return path
+
+
+# -- the grid file -----------------------------------------------------------------------------
+
+
+def test_axes_and_seeds_expand_in_order_and_a_component_axis_keeps_the_parameters_it_takes(tmp_path):
+    grid = load_grid(_grid_file(tmp_path), seeds=2)
+    cells = grid.cells()
+    assert [c.label() for c in cells[:3]] == [
+        "attack=badnets, attack.rate=0.05, seed=0", "attack=badnets, attack.rate=0.05, seed=1",
+        "attack=badnets, attack.rate=0.1, seed=0"]
+    assert len(cells) == 8 and len({c.cell_id for c in cells}) == 8
+    blend = next(c for c in cells if c.values["attack"] == "blend" and c.values["attack.rate"] == 0.05)
+    # badnets' patch size is not a blend parameter: dropped; rate and target are kept
+    assert blend.raw["attack"] == {"name": "blend", "rate": 0.05, "target": 0}
+    assert blend.raw["seed"] == blend.values["seed"]
+
+
+def test_the_cell_id_is_the_resolved_config_without_output_and_threads():
+    exp = build_experiment(dict(BASE))
+    same = build_experiment({**BASE, "train": {**BASE["train"], "threads": 2}, "output": {"runs_dir": "elsewhere"}})
+    other = build_experiment({**BASE, "defense": {**BASE["defense"], "epochs": 7}})
+    assert cell_id(exp.resolved()) == cell_id(same.resolved())
+    assert cell_id(exp.resolved()) != cell_id(other.resolved())
+    # defaults are filled in before hashing: spelling one out changes nothing
+    spelled = build_experiment({**BASE, "attack": {**BASE["attack"], "labelling": "all2one"}})
+    assert cell_id(spelled.resolved()) == cell_id(exp.resolved())
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"colour": 1}, "unknown key 'colour'"),
+    ({"axes": {"attack.rate": []}}, "axis 'attack.rate' must be a non-empty list"),
+    ({"axes": {"seed": [0, 1]}}, "give seeds with 'seeds: N'"),
+    ({"base": "nowhere.yaml"}, "base config 'nowhere.yaml' not found"),
+    ({"seeds": 0}, "'seeds' must be >= 1"),
+    ({"axes": {"attack.rate": [0.1, 2.0]}}, "cell attack.rate=2.0: "),
+    ({"axes": {"attack": ["badnets", "nosuch"]}}, "unknown attack 'nosuch'"),
+    ({"axes": {"attack.rate": [0.1, 0.1]}}, "are the same experiment"),
+])
+def test_a_bad_grid_is_refused_with_the_reason(tmp_path, change, needle):
+    raw = {"name": "g", "base": BASE, "axes": AXES, **change}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=None) as err:
+        load_grid(tmp_path / "grid.yaml").cells()
+    assert needle in str(err.value)
+
+
+def test_the_cli_refuses_a_bad_grid_before_starting_anything(tmp_path):
+    path = _grid_file(tmp_path, axes={"attack.rate": [0.1, 2.0]})
+    out = subprocess.run([sys.executable, "-c", CLI, "sweep", str(path), "--runs-dir", str(tmp_path / "runs")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "abl: error: grid 'g', cell attack.rate=2.0" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_without_ray_the_sweep_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    grid = load_grid(_grid_file(tmp_path))
+    with pytest.raises(AblError, match=r'pip install -e "\.\[sweep\]"'):
+        run_sweep(grid, tmp_path / "runs", progress=lambda _: None)
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+
+def test_the_table_shows_mean_and_sd_over_seeds_and_flags_seeds_that_disagree(tmp_path):
+    grid = Grid("g", dict(BASE), [("attack.rate", [0.05, 0.1])], seeds=[0, 1, 2])
+    cells = grid.cells()
+    asr = {0.05: [0.97, 0.99, 0.98], 0.1: [0.02, 0.90, 0.05]}  # the second group's seeds disagree
+    records = {}
+    for c in cells:
+        value = asr[c.values["attack.rate"]][c.values["seed"]]
+        records[c.cell_id] = SimpleNamespace(final_metrics={"asr": value, "clean_acc": 0.9})
+    rows = group_stats(cells, records)
+    assert [r["seeds"] for r in rows] == [3, 3]
+    assert rows[0]["asr"]["mean"] == pytest.approx(98.0)
+    assert rows[1]["asr"]["sd"] == pytest.approx(statistics.stdev([2.0, 90.0, 5.0]))
+    assert disagreement(rows[0], 10.0) == [] and disagreement(rows[1], 10.0) == ["asr"]
+    table = sweep_table(cells, records, ["attack.rate"])
+    assert "| 0.05 | 3/3 | 90.00 ± 0.00 | 98.00 ± 1.00 |  |" in table
+    assert "**ASR 2.0–90.0**" in table
+
+
+def test_a_worker_archive_that_escapes_the_run_folder_is_refused(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("../evil.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    store = RunStore(tmp_path / "runs")
+    with pytest.raises(AblError, match="unexpected archive entry '../evil.txt'"):
+        ingest(store, {"cell": "c", "status": FINISHED, "run_id": "r1", "tar": buf.getvalue()})
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "runs" / "r1").exists()
+
+
+# -- on a local Ray ------------------------------------------------------------------------------
+
+
+def _finished_by_cell(runs: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for rec in RunStore(runs).list_runs(status=FINISHED):
+        out.setdefault(rec.config["sweep"]["cell"], []).append(rec.run_id)
+    return out
+
+
+@pytest.mark.xdist_group("ray")
+def test_a_killed_driver_reruns_to_four_finished_runs_without_duplicates(tmp_path):
+    """The issue's test: a 2x2 grid on digits on a local Ray (2 CPUs), the driver killed with
+    SIGKILL after the first cell finished, the same command again: four finished runs, one
+    per cell, nothing run twice."""
+    path = _grid_file(tmp_path)
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-c", CLI, "sweep", str(path), "--runs-dir", str(runs), "--num-cpus", "2",
+           "--max-concurrent", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen = []
+    for line in proc.stdout:  # type: ignore[union-attr]
+        seen.append(line)
+        if line.startswith("[1/4 done"):
+            break
+    else:
+        pytest.fail("the driver ended before its first cell finished:\n" + "".join(seen))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    first = _finished_by_cell(runs)
+    assert 1 <= len(first) < 4, first
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"4 cells, {len(first)} already finished, {4 - len(first)} to run" in again.stdout
+    by_cell = _finished_by_cell(runs)
+    assert len(by_cell) == 4 and all(len(ids) == 1 for ids in by_cell.values()), by_cell
+    for cid, ids in first.items():
+        assert by_cell[cid] == ids  # the runs from before the kill are kept, not redone
+    assert set(by_cell) == {c.cell_id for c in load_grid(path).cells(threads=1)}
+    assert "| blend | 0.1 | 1/1 |" in (runs / "sweep-g.md").read_text()
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and "4 already finished, 0 to run" in third.stdout
+    assert _finished_by_cell(runs) == by_cell
+
+
+@pytest.mark.xdist_group("ray")
+def test_a_cell_whose_worker_was_killed_is_resumed_in_its_run_folder(tmp_path):
+    """A worker killed mid-cell leaves an interrupted run in the cell's work folder; the next
+    sweep resumes that run (same id, checkpoint) instead of starting over."""
+    grid = Grid("g", {**BASE, "defense": {"name": "none", "epochs": 12, "milestones": [8]}}, [("attack.rate", [0.1])])
+    (cell,) = grid.cells(threads=1)
+    runs = tmp_path / "runs"
+    work = runs / ".sweep" / cell.cell_id
+    code = ("import sys, json; from abl.sweep import run_cell; "
+            "run_cell(json.loads(sys.argv[1]), sys.argv[2], {'grid': 'g'}, sys.argv[3])")
+    import json
+
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(cell.raw), cell.cell_id, str(work)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        hist = list(work.glob("*/history.jsonl"))
+        if hist and len(hist[0].read_text().splitlines()) >= 3:
+            break
+        assert proc.poll() is None, "the cell ended before the kill"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_id = hist[0].parent.name
+    lines: list[str] = []
+    result = run_sweep(grid, runs, num_cpus=2, progress=lines.append)
+    rec = result.records[cell.cell_id]
+    assert rec.run_id == killed_id and any("(resumed)" in line for line in lines), lines
+    assert len([h for h in rec.history() if h.get("phase") == "train"]) == 12
+    assert finished_cells(RunStore(runs)).keys() == {cell.cell_id}
+    assert not work.exists()  # the work folder is cleared once the run is in the store
+
+
+@pytest.mark.xdist_group("ray")
+def test_cells_sharing_an_isolation_compute_it_once_across_workers(tmp_path):
+    """Two ABL cells that differ only in their unlearner run at the same time on two Ray
+    workers with one stage cache: one isolates and stores the stage, the other waits for
+    it and reads it."""
+    base = {**BASE, "defense": {"name": "abl", "isolation_epochs": 4, "isolation_lr": 0.05, "recovery_epochs": 2,
+                                "recovery_lr": 0.05, "unlearning_epochs": 2, "isolation_rate": 0.05,
+                                "cache_stages": True},
+            "output": {"cache_dir": str(tmp_path / "cache")}}
+    grid = Grid("g", base, [("defense.unlearner", [{"name": "gga", "epochs": 2}, {"name": "finetune_all", "epochs": 2}])])
+    result = run_sweep(grid, tmp_path / "runs", num_cpus=2, progress=lambda _: None)
+    assert not result.failed and len(result.records) == 2
+    hits = sorted(r.metrics["isolation"]["stage_hit"] for r in result.records.values())
+    assert hits == [0.0, 1.0]
