@@ -189,6 +189,24 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from abl.reproduce import Context, parse_roots, reproduce
+
+    ctx = Context(args.scale, parse_roots(args.root), args.trojan_trigger and str(Path(args.trojan_trigger).absolute()))
+    if ctx.trojan_trigger and not Path(ctx.trojan_trigger).is_file():
+        raise AblError(f"--trojan-trigger '{args.trojan_trigger}' is not a file")
+    command = "abl reproduce " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else f"abl reproduce {args.table}"
+    rep = reproduce(args.table, args.scale, ctx, args.runs_dir, args.out, rows=args.rows, seeds=args.seeds,
+                    overrides=args.set, command=command, progress=lambda line: print(line, flush=True),
+                    **_sweep_options(args))
+    print(rep.markdown)
+    print(f"table: {rep.table_path}" + (f"; figure: {rep.figure_path}" if rep.figure_path else ""))
+    if rep.result.failed:
+        print(f"abl: {len(rep.result.failed)} cell(s) failed; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from abl import __version__
 
@@ -229,6 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", help="results folder (default: the grid's runs_dir, else the base config's)")
     _sweep_args(p)
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("reproduce", help="run one of the paper's appendix tables and write it beside the paper's numbers")
+    p.add_argument("table", help="table6, table7, table8, table10 or table11")
+    p.add_argument("--scale", choices=["slice", "full"], default="slice", help="slice: 5,000 CIFAR-10 images and "
+                   "shortened schedules, minutes per cell on a CPU; full: the paper's setting (default: slice)")
+    p.add_argument("--root", action="append", default=[], metavar="DATASET=PATH", help="where a dataset is (cifar10, "
+                   "gtsrb); default data/<name>, downloaded by torchvision when missing")
+    p.add_argument("--trojan-trigger", help="the Trojan trigger file (the authors' .npz) for tables 6, 10, 11")
+    p.add_argument("--rows", nargs="+", help="run only these rows of the table (e.g. CIFAR-10)")
+    p.add_argument("--runs-dir", default="runs", help="results folder (default: runs)")
+    p.add_argument("--out", default="reproduce", help="folder for the Markdown table and the figure (default: reproduce)")
+    _sweep_args(p)
+    p.set_defaults(func=_cmd_reproduce)
     return parser
 
 

@@ -5,7 +5,10 @@ A grid file is YAML::
 
     name: cifar-attacks
     base: cifar10-badnets-abl-default.yaml   # a config file (relative to the grid) or a mapping
-    set: [train.threads=1]                    # overrides applied to every cell (optional)
+    set: [train.threads=1]                    # overrides applied to every cell, last (optional)
+    variants:                                 # optional: named sets of values, a first axis
+      paper: {defense.preset: paper}
+      ours: {defense.preset: default, defense.isolation_rate: 0.05}
     axes:                                     # their cartesian product, in this order
       attack: [badnets, blend]                # a component name: the base section's parameters
                                               # that the new component also takes are kept
@@ -48,7 +51,7 @@ from abl.config import apply_overrides, load_yaml, to_plain
 from abl.errors import AblError, ConfigError
 from abl.store import FAILED, FINISHED, INTERRUPTED, RunRecord, RunStore
 
-GRID_KEYS = ("name", "base", "set", "axes", "seeds", "runs_dir")
+GRID_KEYS = ("name", "base", "set", "axes", "variants", "seeds", "runs_dir")
 COMPONENT_SECTIONS = ("dataset", "model", "attack", "defense")
 WORK_DIR = ".sweep"  # under the runs folder; hidden, so the store never lists it as a run
 RAY_HINT = 'abl sweep runs on Ray: install it with `pip install -e ".[sweep]"` (or `pip install "ray>=2.9"`)'
@@ -81,20 +84,31 @@ class Grid:
     seeds: list[int] | None = None
     overrides: list[str] = field(default_factory=list)
     runs_dir: str | None = None
+    #: named sets of values (dotted key -> value), a first axis called ``variant``: for grids
+    #: whose cells differ in several keys at once (``abl reproduce``'s table rows)
+    variants: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def cells(self, threads: int | None = None) -> list[Cell]:
         """Every cell, validated (a bad one raises ConfigError naming it). ``threads``: the
         torch threads each cell gets when its config leaves ``train.threads`` at 0."""
         from abl.experiment import build_experiment
 
-        axes = list(self.axes) + ([("seed", list(self.seeds))] if self.seeds is not None else [])
+        axes = ([("variant", [name for name, _ in self.variants])] if self.variants else []) + list(self.axes)
+        axes += [("seed", list(self.seeds))] if self.seeds is not None else []
+        by_name = dict(self.variants)
         out: list[Cell] = []
         seen: dict[str, str] = {}
         for combo in itertools.product(*[values for _, values in axes]):
             values = {key: value for (key, _), value in zip(axes, combo)}
-            raw = apply_overrides(copy.deepcopy(self.base), list(self.overrides))
+            raw = copy.deepcopy(self.base)
             for key, value in values.items():
-                _set_axis(raw, key, value)
+                if key == "variant" and self.variants:
+                    for k, v in by_name[value].items():
+                        _set_axis(raw, k, v)
+                else:
+                    _set_axis(raw, key, value)
+            # last, so that `--set` wins over the grid's own values
+            raw = apply_overrides(raw, list(self.overrides))
             if threads and not (raw.get("train") or {}).get("threads"):
                 raw.setdefault("train", {})
                 raw["train"] = {**raw["train"], "threads": int(threads)}
@@ -193,6 +207,10 @@ def load_grid(path: str | Path, seeds: int | None = None, overrides: list[str] |
         if key == "seed":
             raise ConfigError(f"grid {path}: give seeds with 'seeds: N' (or a list), not as an axis")
         axes.append((str(key), values))
+    variants_raw = raw.get("variants") or {}
+    if not isinstance(variants_raw, dict) or not all(isinstance(v, dict) and v for v in variants_raw.values()):
+        raise ConfigError(f"grid {path}: 'variants' must map a name to a mapping of config keys to values")
+    variants = [(str(k), dict(v)) for k, v in variants_raw.items()]
     seed_list = _seed_list(raw.get("seeds"), f"grid {path}: 'seeds'")
     if seeds is not None:
         seed_list = _seed_list(seeds, "--seeds")
@@ -203,7 +221,7 @@ def load_grid(path: str | Path, seeds: int | None = None, overrides: list[str] |
     runs_dir = raw.get("runs_dir")
     if runs_dir is not None and not Path(str(runs_dir)).expanduser().is_absolute():
         runs_dir = str(here / str(runs_dir))
-    return Grid(str(name), base, axes, seed_list, list(fixed) + list(overrides or []), runs_dir)
+    return Grid(str(name), base, axes, seed_list, list(fixed) + list(overrides or []), runs_dir, variants)
 
 
 def _seed_list(value: Any, where: str) -> list[int] | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from abl.paper import TABLE7, TABLE8, TABLE8_BACKDOORED
+from abl.paper import TABLE6, TABLE7, TABLE8, TABLE8_BACKDOORED, TABLE10, TABLE11
 
 APPENDIX = Path(__file__).resolve().parents[2] / "shared" / "paper" / "abl-appendix.md"
 
@@ -60,3 +60,42 @@ def test_table7_matches_the_appendix(appendix):
         if cells[0] in names:
             found[names[cells[0]]] = dict(zip((0.0, 0.5, 1.0, 1.5), (_pct(c) for c in cells[1:5])))
     assert found == TABLE7
+
+
+def _pairs(cells: list[str]) -> list[tuple[float, float]]:
+    values = [_pct(c) for c in cells if c]
+    return list(zip(values[0::2], values[1::2]))
+
+
+def test_table6_matches_the_appendix(appendix):
+    start = next(i for i, line in enumerate(appendix) if line.startswith("Table 6:"))
+    attacks = ("badnets", "trojan", "blend", "dynamic")
+    found = {}
+    for line in appendix[start + 1 : start + 9]:
+        cells = _cells(line)
+        label = re.sub(r"<[^>]+>", "", cells[0])
+        if label.isdigit():
+            found[int(label)] = dict(zip(attacks, _pairs(cells[1:])))
+    assert found == TABLE6
+
+
+def _baseline_and_defense(appendix, table: str, attacks: tuple[str, ...], labels: dict[str, str]):
+    start = next(i for i, line in enumerate(appendix) if line.startswith(f"{table}:"))
+    found = {}
+    for line in appendix[start + 1 : start + 6]:
+        cells = _cells(line)
+        if cells[0] in labels:
+            found[labels[cells[0]]] = dict(zip(attacks, _pairs(cells[1:])))
+    return found
+
+
+def test_table10_matches_the_appendix(appendix):
+    found = _baseline_and_defense(appendix, "Table 10", ("badnets", "trojan", "blend", "dynamic", "sig", "cl"),
+                                  {"Baseline": "baseline", "ABL (Ours)": "abl"})
+    assert found == TABLE10
+
+
+def test_table11_matches_the_appendix(appendix):
+    found = _baseline_and_defense(appendix, "Table 11", ("badnets", "trojan", "blend", "sig"),
+                                  {"Baseline": "baseline", "NC + ABL Unlearning (Ours)": "nc_abl"})
+    assert found == TABLE11
