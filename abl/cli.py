@@ -195,7 +195,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     ctx = Context(args.scale, parse_roots(args.root), args.trojan_trigger and str(Path(args.trojan_trigger).absolute()))
     if ctx.trojan_trigger and not Path(ctx.trojan_trigger).is_file():
         raise AblError(f"--trojan-trigger '{args.trojan_trigger}' is not a file")
-    command = "abl reproduce " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else f"abl reproduce {args.table}"
+    import shlex
+
+    command = "abl " + shlex.join(args.argv)
     rep = reproduce(args.table, args.scale, ctx, args.runs_dir, args.out, rows=args.rows, seeds=args.seeds,
                     overrides=args.set, command=command, progress=lambda line: print(line, flush=True),
                     **_sweep_options(args))
@@ -268,7 +270,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line as given, recorded with tables
     # SIGTERM (a scheduler's kill, `kill PID`) ends a run like Ctrl-C: recorded as
     # interrupted, not left "running" forever.
     previous = None

@@ -322,7 +322,10 @@ def render(spec: TableSpec, entries: list[Entry], grid: Grid, result: SweepResul
         lines.append("| " + " | ".join(cells) + " |")
     skipped = [e for e in entries if e.skip]
     if skipped:
-        lines += ["", "Not run:"] + [f"- {e.row} / {e.col}: {e.skip}" for e in skipped]
+        grouped: dict[tuple[str, str], list[str]] = {}
+        for e in skipped:
+            grouped.setdefault((e.row, str(e.skip)), []).append(e.col)
+        lines += ["", "Not run:"] + [f"- {row} ({', '.join(cols)}): {why}" for (row, why), cols in grouped.items()]
     if result.failed:
         lines += ["", f"{len(result.failed)} cell(s) failed; rerun the same command to retry them."]
     return "\n".join(lines) + "\n", by_entry

@@ -409,6 +409,8 @@ def run_sweep(
     progress(f"grid '{grid.name}': {total} cells, {len(records)} already finished, {len(pending)} to run")
     failed: dict[str, str] = {}
     if pending:
+        # no usage reports from a machine that may have no internet (Ray's own switch)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray = _import_ray()
         started = not ray.is_initialized()
         if started:
@@ -462,7 +464,8 @@ def run_sweep(
                     eta = ""
                     if durations and remaining:
                         eta = f", ETA {_fmt_eta(sum(durations) / len(durations) * math.ceil(remaining / max(1, min(limit, remaining))))}"
-                    progress(f"[{len(records)}/{total} done, {len(inflight)} running, {len(failed)} failed{eta}] "
+                    running = min(limit, len(inflight) + len(queue))  # after the queue refills the free slot
+                    progress(f"[{len(records)}/{total} done, {running} running, {len(failed)} failed{eta}] "
                              f"{cell.label()}: {what}")
         finally:
             if started:

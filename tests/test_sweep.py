@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -227,3 +229,35 @@ def test_cells_sharing_an_isolation_compute_it_once_across_workers(tmp_path):
     assert not result.failed and len(result.records) == 2
     hits = sorted(r.metrics["isolation"]["stage_hit"] for r in result.records.values())
     assert hits == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("name, cells", [("sweep-cifar10-attacks.yaml", 4), ("sweep-digits.yaml", 4)])
+def test_the_example_grids_load_and_every_cell_validates(name, cells):
+    grid = load_grid(Path(__file__).resolve().parents[1] / "configs" / name, seeds=3)
+    assert len(grid.cells()) == 3 * cells
+
+
+def test_a_worker_without_the_drivers_filesystem_still_delivers_its_run(tmp_path):
+    """A worker on another machine cannot create the driver's work folder: it runs in its
+    own temporary folder and the run arrives in the driver's store through the bytes it
+    returns (here run_cell is called directly, as Ray would on that worker)."""
+    from abl.sweep import run_cell
+
+    grid = Grid("g", dict(BASE), [("attack.rate", [0.1])])
+    (cell,) = grid.cells(threads=1)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")  # mkdir below a file fails, as on a machine without this path
+    fallback = Path(tempfile.gettempdir()) / "abl-sweep" / cell.cell_id
+    shutil.rmtree(fallback, ignore_errors=True)
+    try:
+        result = run_cell(cell.raw, cell.cell_id, {"grid": "g"}, str(blocker / "work"))
+    finally:
+        shutil.rmtree(fallback, ignore_errors=True)
+    assert result["work_dir"] == str(fallback)
+    assert result["status"] == FINISHED
+    store = RunStore(tmp_path / "driver-runs")
+    rec = ingest(store, result)
+    assert rec is not None and rec.status == FINISHED and rec.run_id == result["run_id"]
+    assert set(finished_cells(store)) == {cell.cell_id}
+    assert (store.root / rec.run_id / "model.safetensors").is_file()
+    assert ingest(store, result).run_id == rec.run_id and len(store.list_runs()) == 1  # a second delivery adds nothing
