@@ -162,19 +162,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply dotted overrides to a raw config mapping (validation happens afterwards)."""
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
-        for i, part in enumerate(path[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            elif isinstance(nxt, str) and i == 0:
-                # `attack: badnets` shorthand: expand so that attack.rate=... works.
-                nxt = node[part] = {"name": nxt}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override '{text}': '{'.'.join(path[: i + 1])}' is not a section")
-            node = nxt
-        node[path[-1]] = value
+        set_path(raw, path, value, f"override '{text}'")
     return raw
+
+
+def set_path(raw: dict[str, Any], path: list[str], value: Any, where: str) -> None:
+    """Set ``raw[path[0]][path[1]]... = value``, making sections on the way; ``where`` names
+    the override or axis in the error when a step is not a section."""
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif isinstance(nxt, str) and i == 0:
+            # `attack: badnets` shorthand: expand so that attack.rate=... works.
+            nxt = node[part] = {"name": nxt}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: '{'.'.join(path[: i + 1])}' is not a section")
+        node = nxt
+    node[path[-1]] = value
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from abl.config import apply_overrides, load_yaml, to_plain
+from abl.config import apply_overrides, load_yaml, set_path, to_plain
 from abl.errors import AblError, ConfigError
 from abl.store import FAILED, FINISHED, INTERRUPTED, RunRecord, RunStore
 
@@ -151,17 +151,7 @@ def _set_axis(raw: dict[str, Any], key: str, value: Any) -> None:
         kept = {k: v for k, v in base.items() if k in params} if isinstance(base, dict) else {}
         raw[path[0]] = {**kept, "name": value}
         return
-    node = raw
-    for i, part in enumerate(path[:-1]):
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        elif isinstance(nxt, str) and i == 0:
-            nxt = node[part] = {"name": nxt}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"axis '{key}': '{'.'.join(path[: i + 1])}' is not a section")
-        node = nxt
-    node[path[-1]] = value
+    set_path(raw, path, value, f"axis '{key}'")
 
 
 #: config keys that do not change what a run computes, left out of the cell id

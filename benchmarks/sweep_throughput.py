@@ -4,7 +4,7 @@ process, and the work a grid's shared stage saved (issue 12).
     python benchmarks/sweep_throughput.py throughput --out /tmp/sweep-bench
     python benchmarks/sweep_throughput.py stages --runs-dir RUNS   # a store with a Table 8 grid
 
-``throughput`` runs the digits grid of ``configs/sweep-digits.yaml`` (4 cells of the default
+``throughput`` runs the digits grid of ``configs/grids/digits-attacks.yaml`` (4 cells of the default
 ABL, shortened, x ``--seeds``) on a local Ray with ``--num-cpus`` CPUs, first one cell at a
 time, then two, each into a fresh store, and prints the wall time and cells per minute.
 ``stages`` reads the ABL runs of a store that share one cached isolation (``cache_stages``):
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def throughput(args: argparse.Namespace) -> None:
-    grid = load_grid(REPO / "configs" / "sweep-digits.yaml", seeds=args.seeds)
+    grid = load_grid(REPO / "configs" / "grids" / "digits-attacks.yaml", seeds=args.seeds)
     n = len(grid.cells())
     rows = []
     for workers in args.workers:
@@ -38,7 +38,7 @@ def throughput(args: argparse.Namespace) -> None:
         assert not result.failed, result.failed
         cell_s = sum(r.wall_s or 0.0 for r in result.records.values()) / max(1, len(result.records))
         rows.append((workers, wall, 60 * n / wall, cell_s))
-    print(f"grid: {n} cells (configs/sweep-digits.yaml x {args.seeds} seeds), local Ray with {args.num_cpus} CPUs, "
+    print(f"grid: {n} cells (configs/grids/digits-attacks.yaml x {args.seeds} seeds), local Ray with {args.num_cpus} CPUs, "
           "one torch thread per cell")
     print("| concurrent cells | wall (s) | cells per minute | mean run wall (s) | speed-up |")
     print("|---|---|---|---|---|")

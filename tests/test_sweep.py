@@ -231,9 +231,9 @@ def test_cells_sharing_an_isolation_compute_it_once_across_workers(tmp_path):
     assert hits == [0.0, 1.0]
 
 
-@pytest.mark.parametrize("name, cells", [("sweep-cifar10-attacks.yaml", 4), ("sweep-digits.yaml", 4)])
+@pytest.mark.parametrize("name, cells", [("cifar10-attacks.yaml", 4), ("digits-attacks.yaml", 4)])
 def test_the_example_grids_load_and_every_cell_validates(name, cells):
-    grid = load_grid(Path(__file__).resolve().parents[1] / "configs" / name, seeds=3)
+    grid = load_grid(Path(__file__).resolve().parents[1] / "configs" / "grids" / name, seeds=3)
     assert len(grid.cells()) == 3 * cells
 
 
