@@ -190,8 +190,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from abl.reproduce import Context, parse_roots, reproduce
+    from abl.reproduce import FIGURES_MISSING, TABLES, TABLES_MISSING, Context, parse_roots, reproduce
 
+    if args.table == "list":
+        for name, spec in TABLES.items():
+            print(f"{name}: {spec.title} ({spec.source})")
+        for name, why in {**TABLES_MISSING, **FIGURES_MISSING}.items():
+            print(f"{name}: not in abl reproduce yet; {why}")
+        return 0
     ctx = Context(args.scale, parse_roots(args.root), args.trojan_trigger and str(Path(args.trojan_trigger).absolute()))
     if ctx.trojan_trigger and not Path(ctx.trojan_trigger).is_file():
         raise AblError(f"--trojan-trigger '{args.trojan_trigger}' is not a file")
@@ -251,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("reproduce", help="run one of the paper's appendix tables and write it beside the paper's numbers")
-    p.add_argument("table", help="table6, table7, table8, table10 or table11")
+    p.add_argument("table", help="table6, table7, table8, table10 or table11; `list` shows them and what is missing")
     p.add_argument("--scale", choices=["slice", "full"], default="slice", help="slice: 5,000 CIFAR-10 images and "
                    "shortened schedules, minutes per cell on a CPU; full: the paper's setting (default: slice)")
     p.add_argument("--root", action="append", default=[], metavar="DATASET=PATH", help="where a dataset is (cifar10, "
