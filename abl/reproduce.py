@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from abl import paper
 from abl.errors import ConfigError
-from abl.sweep import Grid, SweepResult, group_stats, run_sweep
+from abl.sweep import Grid, SweepResult, fmt_stat, group_stats, run_sweep
 
 SCALES = ("slice", "full")
 FIGURES_MISSING = {
@@ -277,12 +277,6 @@ def plan(table: str, scale: str, ctx: Context, rows: list[str] | None = None,
     return spec, entries, grid
 
 
-def _fmt(stat: dict[str, float] | None) -> str:
-    if stat is None:
-        return "–"
-    return f"{stat['mean']:.2f} ± {stat['sd']:.2f} (n={stat['n']})" if stat["n"] > 1 else f"{stat['mean']:.2f}"
-
-
 def _sizes(result: SweepResult) -> str:
     """The data actually used, from the runs' recorded configs (``--set`` may change it)."""
     sizes = set()
@@ -317,7 +311,7 @@ def render(spec: TableSpec, entries: list[Entry], grid: Grid, result: SweepResul
         stats = by_entry.get(e.key, {})
         for m in spec.metrics:
             ours = stats.get(m) if e.skip is None else None
-            cells += [_fmt(ours) if e.skip is None else "not run", f"{e.paper[m]:.2f}",
+            cells += [fmt_stat(ours, with_n=True) if e.skip is None else "not run", f"{e.paper[m]:.2f}",
                       f"{ours['mean'] - e.paper[m]:+.2f}" if ours else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     skipped = [e for e in entries if e.skip]

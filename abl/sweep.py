@@ -389,7 +389,7 @@ def run_sweep(
     """Run every unfinished cell of ``grid`` on Ray (a local Ray started on demand, or the
     cluster at ``address``) and collect the runs in the store at ``runs_dir``."""
     t0 = time.perf_counter()
-    threads = max(1, int(cpus_per_run)) if cpus_per_run >= 1 else 1
+    threads = max(1, int(cpus_per_run))  # a fractional CPU share still gets one thread
     cells = grid.cells(threads=threads)
     store = RunStore(runs_dir)
     done = finished_cells(store)
@@ -493,6 +493,15 @@ def group_stats(cells: list[Cell], records: Mapping[str, RunRecord],
     return rows
 
 
+def fmt_stat(stat: Mapping[str, float] | None, with_n: bool = False) -> str:
+    """``mean ± sd`` over seeds (one seed: the value; none: a dash)."""
+    if stat is None:
+        return "–"
+    if stat["n"] <= 1:
+        return f"{stat['mean']:.2f}"
+    return f"{stat['mean']:.2f} ± {stat['sd']:.2f}" + (f" (n={int(stat['n'])})" if with_n else "")
+
+
 def disagreement(row: Mapping[str, Any], threshold: float) -> list[str]:
     """The metrics whose seeds are further apart than ``threshold`` points (max - min)."""
     return [m for m in SUMMARY_METRICS if isinstance(row.get(m), dict) and row[m]["n"] > 1
@@ -512,13 +521,7 @@ def sweep_table(result_cells: list[Cell], records: Mapping[str, RunRecord], axes
     for r in rows:
         cells = [r["axes"].get(a, "") for a in axes] + [f"{r['seeds']}/{r['cells']}"]
         for m in metrics:
-            s = r.get(m)
-            if s is None:
-                cells.append("–")
-            elif s["n"] > 1:
-                cells.append(f"{s['mean']:.2f} ± {s['sd']:.2f}")
-            else:
-                cells.append(f"{s['mean']:.2f}")
+            cells.append(fmt_stat(r.get(m)))
         flagged = disagreement(r, disagree)
         cells.append(", ".join(f"**{METRIC_LABELS.get(m, m)} {r[m]['min']:.1f}–{r[m]['max']:.1f}**" for m in flagged))
         lines.append("| " + " | ".join(cells) + " |")
