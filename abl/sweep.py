@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping
 
 from abl.config import apply_overrides, load_yaml, set_path, to_plain
 from abl.errors import AblError, ConfigError
-from abl.store import FAILED, FINISHED, INTERRUPTED, RunRecord, RunStore
+from abl.store import FAILED, FINISHED, INTERRUPTED, RunRecord, RunStore, StoreError, _record_from_folder
 
 GRID_KEYS = ("name", "base", "set", "axes", "variants", "seeds", "runs_dir")
 COMPONENT_SECTIONS = ("dataset", "model", "attack", "defense")
@@ -306,9 +306,12 @@ def _safe_extract(data: bytes, dest: Path, run_id: str) -> None:
             tar.extractall(dest)
 
 
-def ingest(store: RunStore, result: Mapping[str, Any]) -> RunRecord | None:
+def ingest(store: RunStore, result: Mapping[str, Any], index: "CellIndex | None" = None) -> RunRecord | None:
     """Put a worker's run folder into the driver's store (atomically: unpacked beside it,
-    then renamed). A cell that already has a finished run in the store is not added twice."""
+    then renamed). A cell that already has a finished run in the store is not added twice.
+
+    ``index`` (the driver's :class:`CellIndex`) makes the duplicate check read only the run
+    folders that appeared since the last cell, not every config in the store."""
     run_id, data = result.get("run_id"), result.get("tar")
     if not run_id or data is None:
         return None
@@ -316,7 +319,7 @@ def ingest(store: RunStore, result: Mapping[str, Any]) -> RunRecord | None:
     if dest.exists():
         return store.get(run_id)
     if result["status"] == FINISHED:
-        earlier = finished_cells(store).get(result["cell"])
+        earlier = (index or CellIndex(store)).refresh().get(result["cell"])
         if earlier is not None:  # another driver stored this cell meanwhile: keep that run
             return earlier
     store.root.mkdir(parents=True, exist_ok=True)
@@ -329,16 +332,44 @@ def ingest(store: RunStore, result: Mapping[str, Any]) -> RunRecord | None:
     return store.add_folder(run_id)
 
 
+class CellIndex:
+    """Cell id -> finished sweep run in a store, kept up to date incrementally.
+
+    A refresh lists the store's folders (cheap) and reads the config of only those it has
+    not settled yet: a finished or failed run is read once; a running or interrupted one is
+    looked at again, since it may finish. A grid of N cells thus reads O(N) configs, where
+    rescanning the store after every cell read O(N^2).
+    """
+
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
+        self.cells: dict[str, RunRecord] = {}
+        self._settled: set[str] = set()
+
+    def refresh(self) -> dict[str, RunRecord]:
+        root = self.store.root
+        if not root.is_dir():
+            return self.cells
+        for folder in sorted(root.iterdir()):
+            name = folder.name
+            if name in self._settled or name.startswith(".") or not (folder / "meta.json").is_file():
+                continue
+            try:
+                rec = _record_from_folder(folder)
+            except StoreError:
+                continue
+            if rec.status in (FINISHED, FAILED):
+                self._settled.add(name)
+            if rec.status == FINISHED:
+                cid = _cell_of(rec)
+                if cid is not None:
+                    self.cells.setdefault(cid, rec)
+        return self.cells
+
+
 def finished_cells(store: RunStore) -> dict[str, RunRecord]:
     """Cell id -> its finished run, for every finished sweep run in the store."""
-    if not store.root.is_dir():
-        return {}
-    out: dict[str, RunRecord] = {}
-    for rec in store.list_runs(status=FINISHED):
-        cid = _cell_of(rec)
-        if cid is not None:
-            out.setdefault(cid, rec)
-    return out
+    return dict(CellIndex(store).refresh())
 
 
 def _import_ray():
@@ -392,7 +423,8 @@ def run_sweep(
     threads = max(1, int(cpus_per_run))  # a fractional CPU share still gets one thread
     cells = grid.cells(threads=threads)
     store = RunStore(runs_dir)
-    done = finished_cells(store)
+    index = CellIndex(store)
+    done = dict(index.refresh())
     records = {c.cell_id: done[c.cell_id] for c in cells if c.cell_id in done}
     pending = [c for c in cells if c.cell_id not in done]
     total = len(cells)
@@ -437,7 +469,7 @@ def run_sweep(
                         result = ray.get(ref)
                     except Exception as exc:  # noqa: BLE001 - a worker that died: the cell fails, the grid goes on
                         result = {"cell": cell.cell_id, "status": FAILED, "message": f"worker lost: {exc}", "run_id": None}
-                    rec = ingest(store, result)
+                    rec = ingest(store, result, index)
                     shutil.rmtree(work_root / cell.cell_id, ignore_errors=True)
                     if result["status"] == FINISHED and rec is not None:
                         records[cell.cell_id] = rec

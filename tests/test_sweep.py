@@ -5,6 +5,7 @@ mean ± sd over seeds. The Ray tests start a local Ray with 2 CPUs on digits."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -134,6 +135,50 @@ def test_a_worker_archive_that_escapes_the_run_folder_is_refused(tmp_path):
     with pytest.raises(AblError, match="unexpected archive entry '../evil.txt'"):
         ingest(store, {"cell": "c", "status": FINISHED, "run_id": "r1", "tar": buf.getvalue()})
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "runs" / "r1").exists()
+
+
+def _run_tar(run_id: str, cell: str) -> bytes:
+    """A minimal finished run folder, packed as a worker sends it."""
+    files = {
+        "meta.json": json.dumps({"run_id": run_id, "name": "g", "status": FINISHED}).encode(),
+        "metrics.json": json.dumps({"final": {"clean_acc": 0.9}}).encode(),
+        "config.yaml": yaml.safe_dump({"sweep": {"cell": cell}}).encode(),
+    }
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"{run_id}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_ingesting_a_grid_reads_each_run_folder_once_not_once_per_cell(tmp_path, monkeypatch):
+    """The driver's duplicate check looks only at folders it has not read yet: 30 cells
+    cost about 30 folder reads (rescanning the store per cell would cost 465)."""
+    import abl.sweep as sweep_mod
+    from abl.sweep import CellIndex
+
+    reads = []
+    real = sweep_mod._record_from_folder
+    monkeypatch.setattr(sweep_mod, "_record_from_folder", lambda folder: reads.append(folder.name) or real(folder))
+    store = RunStore(tmp_path / "runs")
+    index = CellIndex(store)
+    for i in range(30):
+        rec = ingest(store, {"cell": f"c{i}", "status": FINISHED, "run_id": f"r{i:02d}", "tar": _run_tar(f"r{i:02d}", f"c{i}")},
+                     index)
+        assert rec is not None and rec.run_id == f"r{i:02d}"
+    assert len(reads) <= 30, f"{len(reads)} folder reads for 30 cells"
+    assert set(index.refresh()) == {f"c{i}" for i in range(30)}
+    # a cell another driver stored meanwhile is still found: the duplicate is not added
+    dup = ingest(store, {"cell": "c7", "status": FINISHED, "run_id": "r99", "tar": _run_tar("r99", "c7")}, index)
+    assert dup.run_id == "r07" and not (store.root / "r99").exists()
+    (store.root / "r50").mkdir()  # a run that arrived from elsewhere after the index was built
+    (store.root / "r50" / "meta.json").write_text(json.dumps({"run_id": "r50", "status": FINISHED}))
+    (store.root / "r50" / "metrics.json").write_text("{}")
+    (store.root / "r50" / "config.yaml").write_text(yaml.safe_dump({"sweep": {"cell": "c50"}}))
+    assert ingest(store, {"cell": "c50", "status": FINISHED, "run_id": "r51", "tar": _run_tar("r51", "c50")},
+                  index).run_id == "r50"
 
 
 # -- on a local Ray ------------------------------------------------------------------------------
