@@ -190,12 +190,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from abl.reproduce import FIGURES_MISSING, TABLES, TABLES_MISSING, Context, parse_roots, reproduce
+    from abl.reproduce import TABLES, TABLES_MISSING, Context, parse_roots, reproduce
 
     if args.table == "list":
         for name, spec in TABLES.items():
-            print(f"{name}: {spec.title} ({spec.source})")
-        for name, why in {**TABLES_MISSING, **FIGURES_MISSING}.items():
+            print(f"{name}: {spec.title} ({spec.source}){' [figure: our numbers and the plot]' if spec.figure else ''}")
+        for name, why in TABLES_MISSING.items():
             print(f"{name}: not in abl reproduce yet; {why}")
         return 0
     ctx = Context(args.scale, parse_roots(args.root), args.trojan_trigger and str(Path(args.trojan_trigger).absolute()))
@@ -204,7 +204,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     import shlex
 
     command = "abl " + shlex.join(args.argv)
-    rep = reproduce(args.table, args.scale, ctx, args.runs_dir, args.out, rows=args.rows, seeds=args.seeds,
+    rep = reproduce(args.table, args.scale, ctx, args.runs_dir, args.out, rows=args.rows, cols=args.cols, seeds=args.seeds,
                     overrides=args.set, command=command, progress=lambda line: print(line, flush=True),
                     **_sweep_options(args))
     print(rep.markdown)
@@ -256,14 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     _sweep_args(p)
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("reproduce", help="run one of the paper's appendix tables and write it beside the paper's numbers")
-    p.add_argument("table", help="table6, table7, table8, table10 or table11; `list` shows them and what is missing")
+    p = sub.add_parser("reproduce", help="run one of the paper's appendix tables or figures and write it beside the paper's numbers")
+    p.add_argument("table", help="table6, table7, table8, table10, table11, figure6, figure7, figure8 or figure9; "
+                   "`list` shows them and what is missing")
     p.add_argument("--scale", choices=["slice", "full"], default="slice", help="slice: 5,000 CIFAR-10 images and "
                    "shortened schedules, minutes per cell on a CPU; full: the paper's setting (default: slice)")
     p.add_argument("--root", action="append", default=[], metavar="DATASET=PATH", help="where a dataset is (cifar10, "
                    "gtsrb); default data/<name>, downloaded by torchvision when missing")
     p.add_argument("--trojan-trigger", help="the Trojan trigger file (the authors' .npz) for tables 6, 10, 11")
     p.add_argument("--rows", nargs="+", help="run only these rows of the table (e.g. CIFAR-10)")
+    p.add_argument("--cols", nargs="+", help="run only these columns of the table (e.g. BadNets)")
     p.add_argument("--runs-dir", default="runs", help="results folder (default: runs)")
     p.add_argument("--out", default="reproduce", help="folder for the Markdown table and the figure (default: reproduce)")
     _sweep_args(p)

@@ -1,4 +1,8 @@
-"""``abl reproduce TABLE``: the ABL paper's appendix tables from one command.
+"""``abl reproduce TABLE``: the ABL paper's appendix tables and figures from one command.
+
+Figures 6-9 of the appendix give no numbers in its text, only plots: for them the Markdown
+holds our numbers alone (no paper column, no difference) and the PNG is drawn in the
+figure's own form, to be compared with the paper's by eye.
 
 Each table is a grid run through :func:`abl.sweep.run_sweep` (so it is resumable, shares
 stages and scales over a Ray cluster), then written as Markdown with our numbers beside the
@@ -21,22 +25,20 @@ Scales:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from abl import paper
 from abl.errors import ConfigError
+from abl.store import RunRecord
 from abl.sweep import Grid, SweepResult, fmt_stat, group_stats, run_sweep
 
 SCALES = ("slice", "full")
-FIGURES_MISSING = {
-    "figure6": "the training-loss curves of 6 attacks: run one config per attack and `abl report --out` (per-run plots)",
-    "figure7": "detection precision of 5 detectors: configs/cifar10-badnets-figure7.yaml, one run per detector",
-    "figure8": "isolation precision/recall against the isolation rate: configs/cifar10-badnets-figure8-9.yaml",
-    "figure9": "ABL against the isolation rate: configs/cifar10-badnets-figure8-9.yaml",
-}
 TABLES_MISSING = {
     "table9": "timing of isolation on the authors' machine: benchmarks/full_scale.py records ours per stage",
 }
@@ -91,6 +93,12 @@ class TableSpec:
     row_label: str
     col_label: str
     build: Callable[[Context], tuple[dict[str, Any], list[Entry]]]
+    #: a figure of the appendix: no numbers in the paper's text, ours only
+    figure: bool = False
+    #: draws the PNG (default: bars of ours beside the paper's per entry)
+    draw: Callable[["TableSpec", list[Entry], dict[str, dict[str, Any]], SweepResult, Path], Path | None] | None = None
+    #: extra Markdown columns per entry, computed from its finished runs
+    columns: Callable[[list[RunRecord]], dict[str, str]] | None = None
 
 
 ATTACK_LABELS = {"badnets": "BadNets", "trojan": "Trojan", "blend": "Blend", "dynamic": "Dynamic", "sig": "SIG", "cl": "CL"}
@@ -226,6 +234,170 @@ def _table11(ctx: Context) -> tuple[dict[str, Any], list[Entry]]:
     return _base(ctx, "table11"), entries
 
 
+FIGURE_ATTACKS = ("badnets", "trojan", "blend", "dynamic", "sig", "cl")  # appendix B.3: "all 6 backdoor attacks"
+FIGURE8_ATTACKS = ("badnets", "trojan", "blend", "dynamic")  # appendix B.6: "4 backdoor attacks"
+
+
+def _figure6(ctx: Context) -> tuple[dict[str, Any], list[Entry]]:
+    """Appendix B.1: no-defense training of BadNets at 1%, 5% and 10% poisoning; the figure
+    is the training loss of backdoor vs clean examples per epoch."""
+    entries = [Entry(f"{rate:.0%}", "BadNets", {"attack": {"name": "badnets", "rate": rate, "target": 0},
+                                                "defense": _no_defense(ctx)}, {})
+               for rate in (0.01, 0.05, 0.1)]
+    return _base(ctx, "figure6"), entries
+
+
+def _isolation_detector(ctx: Context, name: str = "lga_batch", **params: Any) -> dict[str, Any]:
+    """A training detector with ABL's isolation schedule (turning epoch 20, lr 0.1)."""
+    return {"name": name, "epochs": ctx.epochs(20), "lr": 0.1, **params}
+
+
+def _figure7(ctx: Context) -> tuple[dict[str, Any], list[Entry]]:
+    """Appendix B.3: precision of the 1% most suspicious examples by ABL's isolation (LGA,
+    gamma 0.5, 20 epochs), activation clustering and spectral signatures (these two score
+    with the no-defense backdoored model, trained once per attack and shared)."""
+    backdoor = {"epochs": ctx.epochs(100), "milestones": [16] if ctx.slice else [20, 70]}
+    detectors = (("ABL (LGA)", _isolation_detector(ctx, gamma=0.5)),
+                 ("AC", {"name": "activation_clustering"}),
+                 ("SSA", {"name": "spectral_signatures"}))
+    entries = []
+    for label, det in detectors:
+        for atk in FIGURE_ATTACKS:
+            spec, skip = _attack(atk, ctx)
+            defense: dict[str, Any] = {"name": "detect", "detector": det, "rate": 0.01}
+            if det["name"] in ("activation_clustering", "spectral_signatures"):
+                defense["backdoor"] = backdoor
+            entries.append(Entry(label, ATTACK_LABELS[atk], {"attack": spec, "defense": defense}, {}, skip))
+    return _base(ctx, "figure7"), entries
+
+
+def _isolation_swap(ctx: Context, name: str, rows: list[tuple[str, dict[str, Any] | None]]) -> tuple[dict[str, Any], list[Entry]]:
+    """Appendix B.6: ABL with another isolation loss in place of LGA, unlearning fixed to
+    the paper's GGA; one row per isolation (None: ABL's own LGA)."""
+    entries = []
+    for label, det in rows:
+        for atk in FIGURE8_ATTACKS:
+            spec, skip = _attack(atk, ctx)
+            defense = _abl_paper(ctx)
+            if det is not None:
+                defense["detector"] = det
+            entries.append(Entry(label, ATTACK_LABELS[atk], {"attack": spec, "defense": defense}, {}, skip))
+    return _base(ctx, name), entries
+
+
+def _figure8(ctx: Context) -> tuple[dict[str, Any], list[Entry]]:
+    """Flooding at level 0.5 against ABL's LGA (appendix B.6, Figure 8)."""
+    return _isolation_swap(ctx, "figure8", [("ABL (LGA)", None),
+                                            ("Flooding 0.5", _isolation_detector(ctx, "flooding", gamma=0.5))])
+
+
+def _figure9(ctx: Context) -> tuple[dict[str, Any], list[Entry]]:
+    """Label smoothing 0.2 and 0.4 against ABL's LGA (appendix B.6, Figure 9: "even with the
+    smoothing value set to 0.4")."""
+    return _isolation_swap(ctx, "figure9", [
+        ("ABL (LGA)", None),
+        ("LS 0.2", _isolation_detector(ctx, "label_smoothing", smoothing_value=0.2)),
+        ("LS 0.4", _isolation_detector(ctx, "label_smoothing", smoothing_value=0.4))])
+
+
+def _loss_curves(rec: RunRecord) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mean training loss per epoch of the poisoned and of the clean examples of one run."""
+    if not (rec.has_array("example_losses") and rec.has_array("poison_mask")):
+        return None
+    losses = rec.array("example_losses").astype(np.float64)
+    mask = rec.array("poison_mask").astype(bool)
+    if losses.ndim != 2 or losses.shape[0] == 0 or mask.shape != (losses.shape[1],) or not mask.any():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an epoch that skipped a group: nan, a gap
+        return np.nanmean(losses[:, mask], axis=1), np.nanmean(losses[:, ~mask], axis=1)
+
+
+def _figure6_columns(records: list[RunRecord]) -> dict[str, str]:
+    """The figure's point in numbers: how fast the poisoned examples' loss falls."""
+    curves = [c for c in (_loss_curves(r) for r in records) if c is not None]
+    if not curves:
+        return {}
+    poisoned = np.mean([c[0] for c in curves], axis=0)
+    clean = np.mean([c[1] for c in curves], axis=0)
+    out = {}
+    for e in (1, 2, 5):
+        if e <= len(poisoned):
+            out[f"loss poisoned / clean, epoch {e}"] = f"{poisoned[e - 1]:.3f} / {clean[e - 1]:.3f}"
+    below = np.flatnonzero(poisoned < 0.1 * clean)
+    out["first epoch poisoned < clean / 10"] = str(int(below[0]) + 1) if len(below) else "never"
+    return out
+
+
+def _records_by_entry(result: SweepResult) -> dict[str, list[RunRecord]]:
+    out: dict[str, list[RunRecord]] = {}
+    for c in result.cells:
+        if c.cell_id in result.records:
+            out.setdefault(str(c.values.get("variant")), []).append(result.records[c.cell_id])
+    return out
+
+
+def _draw_figure6(spec: TableSpec, entries: list[Entry], by_entry: dict[str, dict[str, Any]], result: SweepResult,
+                  path: Path) -> Path | None:
+    """The paper's Figure 6: training loss of backdoor (solid) and clean (dashed) examples."""
+    plt = _pyplot()
+    runs = _records_by_entry(result)
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    colors = ["#1a9641", "#fdae61", "#d7191c"]
+    drawn = False
+    for e, color in zip(entries, colors * 3):
+        curves = [c for c in (_loss_curves(r) for r in runs.get(e.key, [])) if c is not None]
+        if not curves:
+            continue
+        poisoned, clean = np.mean([c[0] for c in curves], axis=0), np.mean([c[1] for c in curves], axis=0)
+        x = np.arange(1, len(poisoned) + 1)
+        ax.plot(x, np.clip(poisoned, 1e-6, None), color=color, linewidth=1.8, label=f"{e.row}: backdoor examples")
+        ax.plot(x, np.clip(clean, 1e-6, None), color=color, linewidth=1.2, linestyle="--", label=f"{e.row}: clean examples")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean training loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{spec.name}: {spec.title}", fontsize=9)
+    return _save_figure(fig, path)
+
+
+def _draw_grouped(spec: TableSpec, entries: list[Entry], by_entry: dict[str, dict[str, Any]], result: SweepResult,
+                  path: Path) -> Path | None:
+    """Figures 7-9: one group of bars per attack (column), one bar per method (row)."""
+    plt = _pyplot()
+    shown = [e for e in entries if e.skip is None]
+    if not shown:
+        return None
+    methods = list(dict.fromkeys(e.row for e in shown))
+    attacks = list(dict.fromkeys(e.col for e in shown))
+    fig, axes = plt.subplots(len(spec.metrics), 1, figsize=(max(6.0, 1.3 * len(attacks) + 2), 3.0 * len(spec.metrics)),
+                             squeeze=False)
+    width = 0.8 / len(methods)
+    from abl.report import METRIC_LABELS
+
+    for ax, m in zip(axes[:, 0], spec.metrics):
+        for i, method in enumerate(methods):
+            vals, errs = [], []
+            for atk in attacks:
+                stat = by_entry.get(f"{method}/{atk}", {}).get(m)
+                vals.append(stat["mean"] if stat else math.nan)
+                errs.append(stat["sd"] if stat else 0.0)
+            ax.bar([j - 0.4 + width * (i + 0.5) for j in range(len(attacks))], vals, width, yerr=errs, label=method)
+        ax.set_ylabel(f"{METRIC_LABELS.get(m, m)} (%)")
+        ax.set_ylim(0, 105)
+        ax.set_xticks(range(len(attacks)))
+        ax.set_xticklabels(attacks)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_title(f"{spec.name}: {spec.title}", fontsize=9)
+    return _save_figure(fig, path)
+
+
+
 TABLES: dict[str, TableSpec] = {
     "table6": TableSpec("table6", "ABL by turning epoch", paper.TABLE6_SOURCE, ("asr", "clean_acc"),
                         "turning epoch", "attack", _table6),
@@ -237,6 +409,18 @@ TABLES: dict[str, TableSpec] = {
                          "defense", "attack", _table10),
     "table11": TableSpec("table11", "ABL unlearning on Neural Cleanse's reversed trigger", paper.TABLE11_SOURCE,
                          ("asr", "clean_acc"), "defense", "attack", _table11),
+    "figure6": TableSpec("figure6", "Training loss of BadNets at poisoning rates 1%, 5% and 10% (no defense)",
+                         "Li et al., NeurIPS 2021, appendix B.1, Figure 6 (CIFAR-10)", ("asr", "clean_acc"), "poisoning rate",
+                         "attack", _figure6, figure=True, draw=_draw_figure6, columns=_figure6_columns),
+    "figure7": TableSpec("figure7", "Detection precision of the 1% most suspicious examples: ABL, AC, SSA",
+                         "Li et al., NeurIPS 2021, appendix B.3, Figure 7 (CIFAR-10, 10% poisoning)", ("iso_precision",),
+                         "detector", "attack", _figure7, figure=True, draw=_draw_grouped),
+    "figure8": TableSpec("figure8", "ABL with flooding-loss isolation (level 0.5) against LGA",
+                         "Li et al., NeurIPS 2021, appendix B.6, Figure 8 (CIFAR-10, 10% poisoning)", ("asr", "clean_acc"),
+                         "isolation", "attack", _figure8, figure=True, draw=_draw_grouped),
+    "figure9": TableSpec("figure9", "ABL with label-smoothing isolation (0.2, 0.4) against LGA",
+                         "Li et al., NeurIPS 2021, appendix B.6, Figure 9 (CIFAR-10, 10% poisoning)", ("asr", "clean_acc"),
+                         "isolation", "attack", _figure9, figure=True, draw=_draw_grouped),
 }
 
 
@@ -252,12 +436,14 @@ class Reproduction:
 
 
 def plan(table: str, scale: str, ctx: Context, rows: list[str] | None = None,
-         seeds: int | None = None, overrides: list[str] | None = None) -> tuple[TableSpec, list[Entry], Grid]:
-    """The table's entries and the grid that runs them (nothing is run)."""
+         seeds: int | None = None, overrides: list[str] | None = None,
+         cols: list[str] | None = None) -> tuple[TableSpec, list[Entry], Grid]:
+    """The table's entries and the grid that runs them (nothing is run); ``rows`` and
+    ``cols`` keep only those rows and columns."""
     if table not in TABLES:
-        known = ", ".join(list(TABLES) + list(TABLES_MISSING) + list(FIGURES_MISSING))
-        if table in TABLES_MISSING or table in FIGURES_MISSING:
-            why = {**TABLES_MISSING, **FIGURES_MISSING}[table]
+        known = ", ".join(list(TABLES) + list(TABLES_MISSING))
+        if table in TABLES_MISSING:
+            why = TABLES_MISSING[table]
             raise ConfigError(f"{table} is not reproduced by `abl reproduce` yet ({why})")
         raise ConfigError(f"unknown table '{table}'; choose from {', '.join(TABLES)} (known: {known})")
     if scale not in SCALES:
@@ -269,6 +455,12 @@ def plan(table: str, scale: str, ctx: Context, rows: list[str] | None = None,
         if unknown:
             raise ConfigError(f"{table} has no row '{unknown[0]}'; its rows: {', '.join(dict.fromkeys(e.row for e in entries))}")
         entries = [e for e in entries if e.row in rows]
+    if cols:
+        unknown = sorted(set(cols) - {e.col for e in entries})
+        if unknown:
+            raise ConfigError(f"{table} has no column '{unknown[0]}'; its columns: "
+                              f"{', '.join(dict.fromkeys(e.col for e in entries))}")
+        entries = [e for e in entries if e.col in cols]
     runnable = [e for e in entries if e.skip is None]
     if not runnable:
         raise ConfigError(f"{table}: nothing to run ({'; '.join(sorted({e.skip for e in entries if e.skip}))})")
@@ -296,14 +488,20 @@ def render(spec: TableSpec, entries: list[Entry], grid: Grid, result: SweepResul
     by_entry = {r["axes"]["variant"]: r for r in rows}
     devices = sorted({str(rec.config.get("device", "?")) for rec in result.records.values()})
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    runs = _records_by_entry(result)
+    extra = {e.key: spec.columns(runs.get(e.key, [])) for e in entries} if spec.columns else {}
+    extra_head = list(dict.fromkeys(k for cols in extra.values() for k in cols))
     head = [spec.row_label, spec.col_label]
     for m in spec.metrics:
         label = METRIC_LABELS.get(m, m)
-        head += [f"{label} (ours)", f"{label} (paper)", "Δ"]
+        head += [f"{label} (ours)"] if spec.figure else [f"{label} (ours)", f"{label} (paper)", "Δ"]
+    head += extra_head
+    how = ("Values in percent. The paper gives this as a figure only, without numbers: compare the PNG with it."
+           if spec.figure else "Values in percent; Δ = ours − paper.")
     lines = [
         f"# {spec.name}: {spec.title}", "",
         f"Paper: {spec.source}. Scale: **{scale}**{_sizes(result)}. Device: {', '.join(devices) or '–'}. Seeds per cell: {len(grid.seeds) if grid.seeds else 1}. "
-        f"Written {stamp} by `{command}`. Values in percent; Δ = ours − paper.", "",
+        f"Written {stamp} by `{command}`. {how}", "",
         "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
     ]
     for e in entries:
@@ -311,8 +509,10 @@ def render(spec: TableSpec, entries: list[Entry], grid: Grid, result: SweepResul
         stats = by_entry.get(e.key, {})
         for m in spec.metrics:
             ours = stats.get(m) if e.skip is None else None
-            cells += [fmt_stat(ours, with_n=True) if e.skip is None else "not run", f"{e.paper[m]:.2f}",
-                      f"{ours['mean'] - e.paper[m]:+.2f}" if ours else "–"]
+            cells.append(fmt_stat(ours, with_n=True) if e.skip is None else "not run")
+            if not spec.figure:
+                cells += [f"{e.paper[m]:.2f}", f"{ours['mean'] - e.paper[m]:+.2f}" if ours else "–"]
+        cells += [extra.get(e.key, {}).get(k, "–") for k in extra_head]
         lines.append("| " + " | ".join(cells) + " |")
     skipped = [e for e in entries if e.skip]
     if skipped:
@@ -325,13 +525,26 @@ def render(spec: TableSpec, entries: list[Entry], grid: Grid, result: SweepResul
     return "\n".join(lines) + "\n", by_entry
 
 
-def plot(spec: TableSpec, entries: list[Entry], by_entry: dict[str, dict[str, Any]], path: Path) -> Path | None:
-    """Ours beside the paper's, one panel per metric, one pair of bars per entry."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot(spec: TableSpec, entries: list[Entry], by_entry: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """Ours beside the paper's, one panel per metric, one pair of bars per entry."""
+    plt = _pyplot()
     from abl.report import METRIC_LABELS
 
     shown = [e for e in entries if e.skip is None]
@@ -351,24 +564,23 @@ def plot(spec: TableSpec, entries: list[Entry], by_entry: dict[str, dict[str, An
         ax.set_xticklabels([f"{e.row}\n{e.col}" for e in shown], fontsize=7, rotation=45, ha="right")
         ax.legend(fontsize=8)
     axes[0, 0].set_title(f"{spec.name}: {spec.title}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def reproduce(table: str, scale: str, ctx: Context, runs_dir: str | Path, out_dir: str | Path, *,
-              rows: list[str] | None = None, seeds: int | None = None, overrides: list[str] | None = None,
+              rows: list[str] | None = None, cols: list[str] | None = None, seeds: int | None = None,
+              overrides: list[str] | None = None,
               command: str = "abl reproduce", progress: Callable[[str], None] = print, **sweep: Any) -> Reproduction:
-    """Run (or finish) the table's grid and write ``<out>/<table>-<scale>.md`` and ``.png``."""
-    spec, entries, grid = plan(table, scale, ctx, rows, seeds, overrides)
+    """Run (or finish) the table's (or figure's) grid and write ``<out>/<table>-<scale>.md``
+    and ``.png``."""
+    spec, entries, grid = plan(table, scale, ctx, rows, seeds, overrides, cols)
     result = run_sweep(grid, runs_dir, progress=progress, **sweep)
     markdown, by_entry = render(spec, entries, grid, result, scale, command)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table_path = out / f"{table}-{scale}.md"
-    figure = plot(spec, entries, by_entry, out / f"{table}-{scale}.png")
+    png = out / f"{table}-{scale}.png"
+    figure = spec.draw(spec, entries, by_entry, result, png) if spec.draw else plot(spec, entries, by_entry, png)
     if figure is not None:
         markdown += f"\n![{table}]({figure.name})\n"
     table_path.write_text(markdown, encoding="utf-8")
