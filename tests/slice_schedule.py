@@ -23,13 +23,14 @@ ABL_DEFAULT_SLICE: dict = {
     "unlearning_epochs": UNLEARNING,
 }
 
-_TOTAL = ISOLATION + RECOVERY + UNLEARNING
-NONE_SAME_LENGTH: dict = {
-    "name": "none",
-    "epochs": _TOTAL,
-    "lr": 0.1,
-    "milestones": [round(0.7 * _TOTAL)],
-}
+
+
+def none_of_length(total: int) -> dict:
+    """The no-defense baseline as long as an ABL run of ``total`` epochs."""
+    return {"name": "none", "epochs": total, "lr": 0.1, "milestones": [round(0.7 * total)]}
+
+
+NONE_SAME_LENGTH: dict = none_of_length(ISOLATION + RECOVERY + UNLEARNING)
 
 #: engine settings of the slice tests: evaluation only at the end of each phase (the
 #: per-epoch curve is not what they test), no progress bar.
