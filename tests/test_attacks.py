@@ -218,3 +218,23 @@ def test_unknown_attack_lists_known():
 def test_unknown_param_names_key():
     with pytest.raises(ConfigError, match="attack.sizee"):
         ATTACKS.create({"name": "badnets", "sizee": 3})
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_every_attack_passes_the_runs_preflight_on_a_fixed_size_dataset(name, tmp_path):
+    """`abl run` builds the trigger before loading the data when the dataset fixes the image
+    size (CIFAR-10: 32), so no class count is known yet; CBA once read it there and every
+    CIFAR-10 CBA run died with an AttributeError."""
+    from abl.experiment import build_experiment, preflight
+
+    attack = {"name": name, **({"trigger_file": str(_trigger_file(name))} if name == "trojan" else {})}
+    exp = build_experiment({"dataset": {"name": "cifar10", "root": str(tmp_path / "cifar10")},
+                            "model": {"name": "wrn", "depth": 16, "widen": 1}, "attack": attack,
+                            "defense": {"name": "none"}})
+    assert preflight(exp, tmp_path / "runs") == 32
+
+
+def test_cba_refuses_classes_the_dataset_does_not_have():
+    attack = ATTACKS.create({"name": "cba", "class_a": 5, "class_b": 12})
+    with pytest.raises(ConfigError, match="attack.class_b.*is 12 but the dataset has 10 classes"):
+        attack.setup(32, 10)

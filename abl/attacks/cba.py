@@ -85,9 +85,14 @@ class CBA(Attack):
         check(0 <= self.mix_rate < 1, "attack.mix_rate", "must be in [0, 1)")
         check(self.max_shift >= 0, "attack.max_shift", "must be >= 0")
 
-    def build(self, image_size: int) -> None:
+    def setup(self, image_size: int, num_classes: int) -> None:
+        # here, not in build: the run's preflight builds the trigger before the data (and so
+        # the class count) is known
         for key, c in (("attack.class_a", self.class_a), ("attack.class_b", self.class_b)):
-            check(0 <= c < self.num_classes, key, f"is {c} but the dataset has {self.num_classes} classes")
+            check(0 <= c < num_classes, key, f"is {c} but the dataset has {num_classes} classes")
+        super().setup(image_size, num_classes)
+
+    def build(self, image_size: int) -> None:
         self._partners: torch.Tensor | None = None
         self.mix_index = torch.zeros(0, dtype=torch.long)
 
