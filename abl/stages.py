@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -84,14 +85,20 @@ class StageLock:
         self.path = stage_file.with_name(stage_file.name + ".lock")
         self._fd: int | None = None
 
-    def acquire(self) -> "StageLock":
+    def acquire(self, wait: bool = True) -> "StageLock":
+        """Take the lock; with ``wait=False`` raise :class:`StageBusy` if another process
+        holds it instead of blocking."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not on POSIX
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise StageBusy(self.path) from None
         self._fd = fd
         return self
 
@@ -101,6 +108,32 @@ class StageLock:
             self._fd = None
 
 
+class StageBusy(Exception):
+    """Another process is computing this stage, and this run was told not to wait for it
+    (:func:`no_stage_waiting`): ``abl sweep`` then runs other cells first."""
+
+    def __init__(self, lock_path: Path) -> None:
+        super().__init__(f"another run is computing the stage locked by {lock_path}")
+        self.lock_path = lock_path
+
+
+_WAIT_FOR_STAGES = True
+
+
+@contextmanager
+def no_stage_waiting(enabled: bool = True) -> Iterator[None]:
+    """Inside, a run whose stage another process is computing raises :class:`StageBusy`
+    instead of waiting (with ``enabled=False``, nothing changes). A sweep worker that waited
+    would hold its CPU or GPU share idle while other cells queue."""
+    global _WAIT_FOR_STAGES
+    before = _WAIT_FOR_STAGES
+    _WAIT_FOR_STAGES = not enabled and before
+    try:
+        yield
+    finally:
+        _WAIT_FOR_STAGES = before
+
+
 def claim_stage(path: Path | None) -> tuple[bool, StageLock | None]:
     """Whether the stage at ``path`` is cached (``hit``); on a miss, the lock to hold while
     computing it. A run that waited for another one's lock finds the file and gets a hit."""
@@ -108,7 +141,7 @@ def claim_stage(path: Path | None) -> tuple[bool, StageLock | None]:
         return False, None
     if path.is_file():
         return True, None
-    lock = StageLock(path).acquire()
+    lock = StageLock(path).acquire(wait=_WAIT_FOR_STAGES)
     if path.is_file():
         lock.release()
         return True, None

@@ -24,7 +24,9 @@ folder (``abl resume`` semantics) and reruns the rest. Workers run into a work f
 send the finished run folder back to the driver as bytes, so results land in the driver's
 store even when the workers share no filesystem with it. Stages (the backdoored model, the
 isolation result) are cached by content in ``output.cache_dir`` under a file lock, so cells
-on one filesystem compute a shared stage once (see :mod:`abl.stages`).
+on one filesystem compute a shared stage once (see :mod:`abl.stages`). A cell that finds
+its stage locked by another gives its worker back at once ("busy") and is queued again
+behind the other cells, waiting on the lock only on its second attempt.
 
 Ray (Moritz et al., OSDI 2018) is an optional dependency: ``pip install -e ".[sweep]"``.
 """
@@ -51,6 +53,8 @@ from abl.config import apply_overrides, load_yaml, set_path, to_plain
 from abl.errors import AblError, ConfigError
 from abl.store import FAILED, FINISHED, INTERRUPTED, RunRecord, RunStore, StoreError, _record_from_folder
 
+#: a cell's status when it stopped because another cell is computing a stage it shares
+BUSY = "busy"
 GRID_KEYS = ("name", "base", "set", "axes", "variants", "seeds", "runs_dir")
 COMPONENT_SECTIONS = ("dataset", "model", "attack", "defense")
 WORK_DIR = ".sweep"  # under the runs folder; hidden, so the store never lists it as a run
@@ -248,14 +252,19 @@ def _cell_of(rec: RunRecord) -> str | None:
     return sweep.get("cell") if isinstance(sweep, dict) else None
 
 
-def run_cell(raw: dict[str, Any], cell: str, sweep_info: dict[str, Any], work_dir: str) -> dict[str, Any]:
+def run_cell(raw: dict[str, Any], cell: str, sweep_info: dict[str, Any], work_dir: str,
+             wait_for_stages: bool = True) -> dict[str, Any]:
     """Run one cell into its work folder (a Ray task; also callable directly) and return the
     run folder packed as tar bytes with its status.
 
     A finished run already in the work folder is sent again (the driver died before it was
     received); an interrupted one (its worker was killed) is resumed from its checkpoint.
+    With ``wait_for_stages=False``, a cell whose shared stage another run is computing stops
+    at once with status ``busy`` (its partial run folder removed) instead of holding its
+    worker idle until the stage is there.
     """
     from abl.experiment import build_experiment, resume_experiment, run_experiment
+    from abl.stages import StageBusy, no_stage_waiting
 
     work = Path(work_dir)
     try:
@@ -271,13 +280,21 @@ def run_cell(raw: dict[str, Any], cell: str, sweep_info: dict[str, Any], work_di
     try:
         if rec is None:
             interrupted = next((r for r in mine if r.status == INTERRUPTED), None)
-            if interrupted is not None:
-                resumed = True
-                rec = resume_experiment(interrupted.run_id, store)
-            else:
-                exp = build_experiment(copy.deepcopy(raw))
-                exp.output.runs_dir = str(work)
-                rec = run_experiment(exp, store, sweep={**sweep_info, "cell": cell})
+            with no_stage_waiting(not wait_for_stages):
+                if interrupted is not None:
+                    resumed = True
+                    rec = resume_experiment(interrupted.run_id, store)
+                else:
+                    exp = build_experiment(copy.deepcopy(raw))
+                    exp.output.runs_dir = str(work)
+                    rec = run_experiment(exp, store, sweep={**sweep_info, "cell": cell})
+    except StageBusy as exc:
+        # nothing was trained yet (a stage is claimed before its training): drop the attempt
+        for r in store.list_runs():
+            if _cell_of(r) == cell and r.status != FINISHED:
+                shutil.rmtree(r.path, ignore_errors=True)
+        return {"cell": cell, "status": BUSY, "message": str(exc), "resumed": resumed, "run_id": None, "tar": None,
+                "host": socket.gethostname(), "work_dir": str(work), "wall_s": time.perf_counter() - t0}
     except Exception as exc:  # noqa: BLE001 - reported to the driver with the failed run folder
         status, message = FAILED, f"{type(exc).__name__}: {exc}"
         failed = [r for r in store.list_runs() if _cell_of(r) == cell and r.status == FAILED]
@@ -456,11 +473,17 @@ def run_sweep(
             queue = list(pending)
             inflight: dict[Any, tuple[Cell, float]] = {}
             durations: list[float] = []
+            # A cell whose shared stage (backdoored model, isolation) another cell is
+            # computing would wait on its lock with its CPU/GPU share idle. Its first
+            # attempt does not wait: it comes back "busy" and goes to the end of the queue,
+            # so the slot runs other cells meanwhile; its second attempt waits (by then the
+            # stage is usually there, and nothing else is left to run before it).
+            deferred: set[str] = set()
             while queue or inflight:
                 while queue and len(inflight) < limit:
                     cell = queue.pop(0)
                     ref = task.remote(cell.raw, cell.cell_id, {**info, "values": {k: _short(v) for k, v in cell.values.items()}},
-                                      str(work_root / cell.cell_id))
+                                      str(work_root / cell.cell_id), cell.cell_id in deferred)
                     inflight[ref] = (cell, time.perf_counter())
                 ready, _ = ray.wait(list(inflight), num_returns=1)
                 for ref in ready:
@@ -469,6 +492,12 @@ def run_sweep(
                         result = ray.get(ref)
                     except Exception as exc:  # noqa: BLE001 - a worker that died: the cell fails, the grid goes on
                         result = {"cell": cell.cell_id, "status": FAILED, "message": f"worker lost: {exc}", "run_id": None}
+                    if result["status"] == BUSY:
+                        deferred.add(cell.cell_id)
+                        queue.append(cell)
+                        progress(f"[{len(records)}/{total} done] {cell.label()}: its shared stage is being computed by "
+                                 "another cell; queued again behind the others")
+                        continue
                     rec = ingest(store, result, index)
                     shutil.rmtree(work_root / cell.cell_id, ignore_errors=True)
                     if result["status"] == FINISHED and rec is not None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -274,6 +275,84 @@ def test_cells_sharing_an_isolation_compute_it_once_across_workers(tmp_path):
     assert not result.failed and len(result.records) == 2
     hits = sorted(r.metrics["isolation"]["stage_hit"] for r in result.records.values())
     assert hits == [0.0, 1.0]
+
+
+@pytest.mark.xdist_group("ray")
+def test_a_cell_whose_stage_is_busy_yields_its_worker_to_other_cells(tmp_path):
+    """Cells A and B share an isolation stage that another process is computing (the test
+    holds its lock): rather than holding both workers idle, each comes back "busy" and is
+    queued behind C, which runs meanwhile; once the stage's lock is free, A and B run
+    again, waiting this time: one computes the stage, the other reads it."""
+    from abl.experiment import run_experiment
+    from abl.stages import StageLock
+
+    defense = {"name": "abl", "isolation_epochs": 4, "isolation_lr": 0.05, "recovery_epochs": 2, "recovery_lr": 0.05,
+               "unlearning_epochs": 2, "isolation_rate": 0.05, "cache_stages": True}
+    base = {**BASE, "defense": defense, "output": {"cache_dir": str(tmp_path / "cache")}}
+    grid = Grid("g", base, [], variants=[
+        ("A", {"defense.unlearner": {"name": "gga", "epochs": 2}}),
+        ("B", {"defense.unlearner": {"name": "finetune_all", "epochs": 2}}),
+        ("C", {"attack.rate": 0.05})])
+    cells = grid.cells(threads=1)
+    # the shared stage's file name (its key) from one run of A in a cache of its own
+    probe = build_experiment({**cells[0].raw, "output": {"cache_dir": str(tmp_path / "probe"), "runs_dir": str(tmp_path / "p")}})
+    run_experiment(probe, RunStore(tmp_path / "p"))
+    (stage,) = (tmp_path / "probe" / "stages").glob("isolated-*.safetensors")
+    lock = StageLock(tmp_path / "cache" / "stages" / stage.name).acquire()
+    lines: list[str] = []
+    released_by: list[str] = []
+
+    def release(why: str) -> None:
+        if not released_by:
+            released_by.append(why)
+            lock.release()
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        if sum("queued again" in x for x in lines) == 2:
+            release("both cells yielded")  # the other "process" is done with it (stored nothing)
+
+    # workers that waited on the lock instead would hold both slots until this timer: C
+    # could not run and the callback above would never see two busy cells
+    timer = threading.Timer(120, release, ("timeout",))
+    timer.start()
+    try:
+        result = run_sweep(grid, tmp_path / "runs", num_cpus=2, progress=progress)
+    finally:
+        timer.cancel()
+        release("end")
+    assert released_by == ["both cells yielded"], lines
+    assert not result.failed and len(result.records) == 3
+    busy = [x for x in lines if "queued again" in x]
+    assert len(busy) == 2 and {x.split("variant=")[1][0] for x in busy} == {"A", "B"}, lines
+    by_variant = {c.values["variant"]: result.records[c.cell_id] for c in cells}
+    assert sorted(by_variant[v].metrics["isolation"]["stage_hit"] for v in "AB") == [0.0, 1.0]
+
+
+def test_a_busy_cell_leaves_no_half_run_behind(tmp_path, monkeypatch):
+    """The worker side: told not to wait, a cell whose stage lock is taken returns
+    ``busy`` and removes its run folder; told to wait, the same cell runs."""
+    from abl import stages
+    from abl.sweep import BUSY, run_cell
+
+    base = {**BASE, "defense": {"name": "abl", "isolation_epochs": 2, "recovery_epochs": 1, "unlearning_epochs": 1,
+                                "isolation_rate": 0.05, "cache_stages": True},
+            "output": {"cache_dir": str(tmp_path / "cache")}}
+    (cell,) = Grid("g", base, [("attack.rate", [0.1])]).cells(threads=1)
+    real = stages.StageLock.acquire
+
+    def taken(self, wait=True):
+        if not wait:
+            raise stages.StageBusy(self.path)
+        return real(self, wait)
+
+    monkeypatch.setattr(stages.StageLock, "acquire", taken)
+    out = run_cell(cell.raw, cell.cell_id, {"grid": "g"}, str(tmp_path / "work"), wait_for_stages=False)
+    assert out["status"] == BUSY and out["tar"] is None and "computing the stage" in out["message"]
+    assert RunStore(tmp_path / "work").list_runs() == []
+    out = run_cell(cell.raw, cell.cell_id, {"grid": "g"}, str(tmp_path / "work"), wait_for_stages=True)
+    assert out["status"] == FINISHED
+    assert stages._WAIT_FOR_STAGES  # the no-waiting switch is only on inside a cell
 
 
 @pytest.mark.parametrize("name, cells", [("cifar10-attacks.yaml", 4), ("digits-attacks.yaml", 4)])
