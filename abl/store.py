@@ -872,7 +872,9 @@ class RunWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self.status == RUNNING:
-            if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # SystemExit is a stop from outside too: a signal handler's sys.exit, or a Ray
+            # worker leaving because its sweep driver was stopped; such a run resumes
+            if exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
                 self.interrupt()
             elif exc_type is not None:
                 text = str(exc).splitlines()[0] if str(exc) else ""

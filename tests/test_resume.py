@@ -274,3 +274,25 @@ def test_sigkill_mid_phase_then_abl_resume_matches_the_uninterrupted_run(tmp_pat
     _assert_same(store_a.list_runs()[0], store_b.get(folder.name))
     twice = _cli("resume", folder.name, "--runs-dir", str(runs))
     assert twice.returncode == 2 and "already finished" in twice.stderr
+
+
+def test_a_run_stopped_by_systemexit_is_interrupted_and_resumes(tmp_path):
+    """A Ray worker whose sweep driver was stopped (Ctrl-C, SIGTERM) leaves through
+    SystemExit; that run was marked failed, its checkpoint dropped, and the rerun of the
+    grid started the cell over. It is an interruption: it resumes."""
+    seen = []
+
+    def on_epoch(record: dict) -> None:
+        seen.append(record)
+        if len(seen) == 3:
+            raise SystemExit(1)
+
+    store = RunStore(tmp_path / "runs")
+    with pytest.raises(SystemExit):
+        run_experiment(build_experiment(_raw(tmp_path, DEFENSES["default"])), store, on_epoch=on_epoch)
+    (rec,) = store.list_runs()
+    assert rec.status == "interrupted"
+    assert rec.path.joinpath("checkpoint.pt").is_file() or any(rec.path.glob("checkpoint*")), "the checkpoint is kept"
+    done = resume_experiment(rec.run_id, store)
+    assert done.status == "finished"
+    assert [h["epoch"] for h in done.history()][:3] == [0, 1, 2]  # the epochs before the stop were kept
