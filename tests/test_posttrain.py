@@ -271,6 +271,24 @@ def test_neural_cleanse_defaults_are_the_authors():
     assert nc.anomaly_threshold == 2.0
 
 
+def test_nad_defaults_are_the_authors():
+    """bboylyg/NAD at 54f6b20, ``config.py`` lines 15-25 (epochs 20, batch_size 64, lr 0.1,
+    momentum 0.9, weight_decay 1e-4, ratio 0.05, beta1 0, beta2 0, beta3 5000, p 2.0),
+    ``utils/util.py`` ``adjust_learning_rate`` (the given lr for epochs 0-1, then 0.01) and
+    ``main.py`` ``train`` (SGD with ``nesterov=True``). Two values are the ABL appendix's
+    (A.3): 10 epochs of distillation, not the NAD code's 20, and Cutout of length 9 (the
+    NAD loader's ``Cutout(1, 3)`` is not used). The NAD code also saves the student by its
+    test-set accuracy and ASR each epoch; we keep the last epoch (no test-set selection)."""
+    from abl.engine import TrainConfig
+
+    nad = DEFENSES.create({"name": "nad"})
+    assert (nad.batch_size, nad.lr, nad.milestones, nad.lr_factor) == (64, 0.1, [2], 0.1)
+    assert nad.lr * nad.lr_factor == pytest.approx(0.01)
+    assert (nad.betas, nad.p, nad.nesterov, nad.clean_fraction) == ([0.0, 0.0, 5000.0], 2.0, True, 0.05)
+    assert (TrainConfig().momentum, TrainConfig().weight_decay) == (0.9, 1e-4)
+    assert nad.epochs == 10 and nad.augment  # appendix A.3
+
+
 def test_anomaly_index_flags_only_small_outliers():
     from abl.defenses.neural_cleanse import anomaly_indices
 
