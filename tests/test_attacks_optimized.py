@@ -39,8 +39,8 @@ def test_cached_tensors_builds_once_and_is_atomic(tmp_path):
     first = surrogate.cached_tensors("demo", key, build, tmp_path)
     second = surrogate.cached_tensors("demo", dict(reversed(list(key.items()))), build, tmp_path)
     assert len(calls) == 1 and torch.equal(first["a"], second["a"]) and second["b"].dtype == torch.uint8
-    files = list((tmp_path / "attacks").iterdir())
-    assert len(files) == 1 and files[0].name.startswith("demo-") and files[0].suffix == ".safetensors"
+    files = list((tmp_path / "attacks").glob("*.safetensors"))  # beside it: its lock file
+    assert len(files) == 1 and files[0].name.startswith("demo-")
     surrogate.cached_tensors("demo", {"x": 2, "data": "abc"}, build, tmp_path)
     assert len(calls) == 2
     # a corrupt file is rebuilt, with a warning
@@ -48,6 +48,27 @@ def test_cached_tensors_builds_once_and_is_atomic(tmp_path):
     with pytest.warns(UserWarning, match="unreadable"):
         again = surrogate.cached_tensors("demo", key, build, tmp_path)
     assert len(calls) == 3 and torch.equal(again["a"], first["a"])
+
+
+def test_processes_sharing_the_cache_build_an_artefact_once(tmp_path):
+    """Two processes (two cells of a sweep) ask for the same artefact at once: the first
+    builds it under the file's lock, the other waits and reads it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time, torch\n"
+        "from abl.attacks import surrogate\n"
+        "def build():\n"
+        "    open(sys.argv[1] + '/builds', 'a').write('x')\n"
+        "    time.sleep(3)\n"
+        "    return {'a': torch.arange(3.0)}\n"
+        "out = surrogate.cached_tensors('demo', {'k': 1}, build, sys.argv[1])\n"
+        "assert out['a'].tolist() == [0.0, 1.0, 2.0]\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)]) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert (tmp_path / "builds").read_text() == "x"
 
 
 def test_cache_dir_defaults_to_env(tmp_path, monkeypatch):

@@ -76,28 +76,39 @@ def cached_tensors(
     ``key`` must hold every parameter that changes the result, including a fingerprint of
     the data (:func:`data_fingerprint`). The file is written to a temporary name and moved
     into place with :func:`os.replace`; an unreadable file is ignored (with a warning) and
-    rebuilt. Returned tensors are on the CPU.
+    rebuilt. Returned tensors are on the CPU. Processes sharing the cache folder (the cells
+    of ``abl sweep``) build a file once: the first holds a lock on it while building, the
+    others wait and read it (:func:`abl.stages.claim_stage`).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
+    from abl.stages import StageLock, claim_stage
+
     path = cache_path(kind, key, cache_dir)
-    if path.is_file():
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            warnings.warn(f"ignoring unreadable attack cache file {path}: {exc}; rebuilding it", stacklevel=2)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in build().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    lock: StageLock | None = None
+    hit, lock = claim_stage(path)
     try:
-        save_file(tensors, tmp, metadata={"kind": kind, "key": json.dumps(dict(key), sort_keys=True, default=str)})
-        os.replace(tmp, path)
+        if hit:
+            try:
+                return load_file(str(path))
+            except (SafetensorError, OSError, ValueError) as exc:
+                warnings.warn(f"ignoring unreadable attack cache file {path}: {exc}; rebuilding it", stacklevel=2)
+                lock = StageLock(path).acquire()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in build().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"kind": kind, "key": json.dumps(dict(key), sort_keys=True, default=str)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return tensors
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return tensors
+        if lock is not None:
+            lock.release()
 
 
 def train_clean_model(
