@@ -174,8 +174,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid, seeds=args.seeds, overrides=args.set)
     runs_dir = Path(args.runs_dir or grid.runs_dir or grid.base.get("output", {}).get("runs_dir") or "runs")
     result = run_sweep(grid, runs_dir, progress=lambda line: print(line, flush=True), **_sweep_options(args))
-    axes = [k for k, _ in grid.axes]
-    table = sweep_table(result.cells, result.records, axes)
+    table = sweep_table(result.cells, result.records)  # every axis, the variants' names included
     out = runs_dir / f"sweep-{grid.name}.md"
     out.write_text(f"# grid {grid.name}\n\n{len(result.records)} of {len(result.cells)} cells finished "
                    f"({result.skipped} from earlier runs); store: {runs_dir}\n\n{table}", encoding="utf-8")

@@ -569,11 +569,15 @@ def disagreement(row: Mapping[str, Any], threshold: float) -> list[str]:
             and row[m]["max"] - row[m]["min"] > threshold]
 
 
-def sweep_table(result_cells: list[Cell], records: Mapping[str, RunRecord], axes: list[str],
+def sweep_table(result_cells: list[Cell], records: Mapping[str, RunRecord], axes: list[str] | None = None,
                 disagree: float = 10.0) -> str:
     """A Markdown table of a grid: mean ± sd over seeds (n), flagged where seeds disagree
-    by more than ``disagree`` points."""
+    by more than ``disagree`` points. ``axes``: the columns (default: every axis of the
+    cells, ``variant`` included, seed left out)."""
     from abl.report import METRIC_LABELS
+
+    if axes is None:
+        axes = [k for k in (result_cells[0].values if result_cells else {}) if k != "seed"]
 
     rows = group_stats(result_cells, records)
     metrics = [m for m in SUMMARY_METRICS if any(m in r for r in rows)]

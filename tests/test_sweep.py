@@ -126,6 +126,17 @@ def test_the_table_shows_mean_and_sd_over_seeds_and_flags_seeds_that_disagree(tm
     assert "**ASR 2.0–90.0**" in table
 
 
+def test_the_table_names_each_cells_variant(tmp_path):
+    grid = Grid("g", dict(BASE), [("attack.rate", [0.05, 0.1])],
+                variants=[("BadNets", {"attack.name": "badnets"}), ("Blend", {"attack": {"name": "blend"}})])
+    cells = grid.cells()
+    records = {c.cell_id: SimpleNamespace(final_metrics={"asr": 0.5 if c.values["variant"] == "Blend" else 0.9})
+               for c in cells}
+    table = sweep_table(cells, records)
+    assert table.splitlines()[0].startswith("| variant | attack.rate | seeds |")
+    assert "| Blend | 0.1 | 1/1 | 50.00 |" in table and "| BadNets | 0.05 | 1/1 | 90.00 |" in table
+
+
 def test_a_worker_archive_that_escapes_the_run_folder_is_refused(tmp_path):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
