@@ -154,7 +154,7 @@ def test_cache_and_seeds(digits32, tmp_path, monkeypatch):
     assert len(calls) == 2 and torch.equal(again.images, a.images)
     make(tmp_path / "a", seed=1, surrogate_seed=5, **tiny).poison(digits32)  # new generators
     assert len(calls) == 3
-    assert [p.name.split("-")[0] for p in (tmp_path / "a" / "attacks").iterdir()] == ["dynamic", "dynamic"]
+    assert [p.name.split("-")[0] for p in (tmp_path / "a" / "attacks").glob("*.safetensors")] == ["dynamic", "dynamic"]
 
 
 def test_bad_params_name_their_key():

@@ -85,9 +85,9 @@ def test_watermark_blends_the_triggered_source_in(digits32, tmp_path):
     expected = torch.lerp(to_float(digits32.images[idx])[:, :, 29:, 29:], GRID.float() / 255, opacity)
     assert float((corner - expected).abs().max()) <= eps + 2 / 255
     # and it is its own cache entry
-    assert len(list((tmp_path / "attacks").glob("fc-*"))) == 1
+    assert len(list((tmp_path / "attacks").glob("fc-*.safetensors"))) == 1
     make(tmp_path, rate=0.05, rate_of="dataset", eps=eps, steps=5).poison(digits32)
-    assert len(list((tmp_path / "attacks").glob("fc-*"))) == 2
+    assert len(list((tmp_path / "attacks").glob("fc-*.safetensors"))) == 2
 
 
 def test_pairing_with_replacement_when_few_sources(digits32, tmp_path):
@@ -118,7 +118,7 @@ def test_seed_determinism_and_cache(digits32, tmp_path, monkeypatch, surrogate_t
     monkeypatch.setattr(type(make(tmp_path / "a")), "_collide", boom)
     again = make(tmp_path / "a", seed=1, rate=0.05, rate_of="dataset").poison(digits32)
     assert torch.equal(again.images, a.images)
-    files = sorted(p.name.split("-")[0] for p in (tmp_path / "a" / "attacks").iterdir())
+    files = sorted(p.name.split("-")[0] for p in (tmp_path / "a" / "attacks").glob("*.safetensors"))
     assert files == ["fc", "fc", "surrogate"]
 
 
