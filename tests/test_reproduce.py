@@ -98,10 +98,11 @@ def _reproduce(tmp_path: Path, cifar10_root: Path, *args: str) -> subprocess.Com
     # the decoded CIFAR-10 tensors the other real-data tests use, but a stage cache of this
     # test's own, so that a stage left by an earlier run never turns a miss into a hit
     cache = tmp_path / "cache"
-    cache.mkdir()
     shared = REPO / ".cache" / "test-cache" / "datasets"
     shared.mkdir(parents=True, exist_ok=True)
-    (cache / "datasets").symlink_to(shared, target_is_directory=True)
+    if not cache.exists():  # a test may call this twice: one cache for both commands
+        cache.mkdir()
+        (cache / "datasets").symlink_to(shared, target_is_directory=True)
     cmd = [sys.executable, "-c", CLI, "reproduce", *args, "--root", f"cifar10={cifar10_root}",
            "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--num-cpus", "2",
            "--set", "slice.train=1000", "--set", "slice.test=500", "--set", f"output.cache_dir={cache}"]
