@@ -313,13 +313,20 @@ def _loss_curves(rec: RunRecord) -> tuple[np.ndarray, np.ndarray] | None:
         return np.nanmean(losses[:, mask], axis=1), np.nanmean(losses[:, ~mask], axis=1)
 
 
-def _figure6_columns(records: list[RunRecord]) -> dict[str, str]:
-    """The figure's point in numbers: how fast the poisoned examples' loss falls."""
+def _mean_loss_curves(records: list[RunRecord]) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`_loss_curves` averaged over the runs (the seeds of one entry)."""
     curves = [c for c in (_loss_curves(r) for r in records) if c is not None]
     if not curves:
+        return None
+    return np.mean([c[0] for c in curves], axis=0), np.mean([c[1] for c in curves], axis=0)
+
+
+def _figure6_columns(records: list[RunRecord]) -> dict[str, str]:
+    """The figure's point in numbers: how fast the poisoned examples' loss falls."""
+    curves = _mean_loss_curves(records)
+    if curves is None:
         return {}
-    poisoned = np.mean([c[0] for c in curves], axis=0)
-    clean = np.mean([c[1] for c in curves], axis=0)
+    poisoned, clean = curves
     out = {}
     for e in (1, 2, 5):
         if e <= len(poisoned):
@@ -346,10 +353,10 @@ def _draw_figure6(spec: TableSpec, entries: list[Entry], by_entry: dict[str, dic
     colors = ["#1a9641", "#fdae61", "#d7191c"]
     drawn = False
     for e, color in zip(entries, colors * 3):
-        curves = [c for c in (_loss_curves(r) for r in runs.get(e.key, [])) if c is not None]
-        if not curves:
+        curves = _mean_loss_curves(runs.get(e.key, []))
+        if curves is None:
             continue
-        poisoned, clean = np.mean([c[0] for c in curves], axis=0), np.mean([c[1] for c in curves], axis=0)
+        poisoned, clean = curves
         x = np.arange(1, len(poisoned) + 1)
         ax.plot(x, np.clip(poisoned, 1e-6, None), color=color, linewidth=1.8, label=f"{e.row}: backdoor examples")
         ax.plot(x, np.clip(clean, 1e-6, None), color=color, linewidth=1.2, linestyle="--", label=f"{e.row}: clean examples")

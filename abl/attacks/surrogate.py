@@ -86,7 +86,6 @@ def cached_tensors(
     from abl.stages import StageLock, claim_stage
 
     path = cache_path(kind, key, cache_dir)
-    lock: StageLock | None = None
     hit, lock = claim_stage(path)
     try:
         if hit:
