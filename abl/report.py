@@ -531,7 +531,8 @@ def _evidence_note(rec: RunRecord) -> list[str]:
         return lines
     return lines + [
         f"> **Weak isolation evidence**: the isolated examples stand only {iso.get('iso_separation', float('nan')):.1f} "
-        "spreads apart from the rest (below the defense's `min_separation`). They may be clean examples that the "
+        f"spreads apart from the rest, and {iso.get('iso_top_label_share', float('nan')):.0%} of them share one label "
+        "(one of these is below the defense's `min_separation` or `min_label_share`). They may be clean examples that the "
         "model fits easily, and unlearning them costs clean accuracy rather than removing a backdoor. "
         "Look at the loss curves and the isolated pictures below before trusting this model.",
         "",

@@ -266,6 +266,30 @@ def test_weak_evidence_is_flagged_on_clean_data(digits):
     assert stage["iso_weak"] == 1.0 and stage["iso_separation"] < abl.min_separation
 
 
+def test_isolated_set_spread_over_classes_is_weak_evidence():
+    """A set that stands far apart but is spread over classes is not one backdoor's poisons:
+    CBA at full scale isolated 0% poisons, 51% of one label, at separation 6.01 (benchmarks/README.md)."""
+    from abl.defenses.abl import isolation_evidence
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(2000, generator=gen)
+    isolated = torch.arange(20)
+    scores[isolated] -= 30.0  # far below the rest: the separation test passes either way
+    abl = DEFENSES.create({"name": "abl"})
+    one_label = torch.randint(0, 10, (2000,), generator=gen)
+    one_label[isolated] = 3
+    strong = isolation_evidence(scores, isolated, one_label)
+    assert strong["iso_top_label_share"] == 1.0 and abl.weak_evidence(strong) == []
+    spread = one_label.clone()
+    spread[isolated] = torch.arange(20) % 2  # two labels, half each
+    weak = isolation_evidence(scores, isolated, spread)
+    assert weak["iso_separation"] > abl.min_separation and weak["iso_top_label_share"] == 0.5
+    assert any("share one label" in why for why in abl.weak_evidence(weak))
+    assert DEFENSES.create({"name": "abl", "min_label_share": 0.0}).weak_evidence(weak) == []
+    with pytest.raises(ConfigError, match="min_label_share"):
+        DEFENSES.create({"name": "abl", "min_label_share": 1.5})
+
+
 def test_unlearning_reports_whether_it_cut_the_isolated_link(digits):
     """No ground truth needed: the model's fit on the isolated examples' own labels, before
     and after unlearning; a run whose unlearning left them fitted warns and flags it."""
