@@ -306,3 +306,16 @@ def test_report_draws_the_attack_on_training_images(tmp_path):
     assert f"![Clean vs triggered images]({run.run_id}-attack-examples.png)" in text
     _check_png(tmp_path / "out" / f"{run.run_id}-attack-examples.png")
     assert not (tmp_path / "out" / f"{plain.run_id}-attack-examples.png").exists()
+
+
+def test_weak_evidence_note_names_separation_and_label_share():
+    """The report's warning gives both numbers, so a reader sees which test the isolation failed."""
+    from types import SimpleNamespace
+
+    from abl.report import _evidence_note
+
+    weak = SimpleNamespace(metrics={"isolation": {"iso_weak": 1.0, "iso_separation": 6.01, "iso_top_label_share": 0.506}})
+    text = "\n".join(_evidence_note(weak))
+    assert "Weak isolation evidence" in text and "6.0 spreads" in text and "51% of them share one label" in text
+    strong = SimpleNamespace(metrics={"isolation": {"iso_weak": 0.0, "iso_separation": 9.2, "iso_top_label_share": 1.0}})
+    assert _evidence_note(strong) == []
