@@ -273,14 +273,18 @@ def _figure7(ctx: Context) -> tuple[dict[str, Any], list[Entry]]:
 
 def _isolation_swap(ctx: Context, name: str, rows: list[tuple[str, dict[str, Any] | None]]) -> tuple[dict[str, Any], list[Entry]]:
     """Appendix B.6: ABL with another isolation loss in place of LGA, unlearning fixed to
-    the paper's GGA; one row per isolation (None: ABL's own LGA)."""
+    the paper's GGA; one row per isolation (None: ABL's own LGA). Every row names its
+    detector, ABL's own too (the ``paper`` preset's isolation, spelled out), so that one
+    ``--set defense.detector.epochs=N`` shortens the isolation of every row alike."""
+    from abl.config import to_plain
+    from abl.defenses import DEFENSES
+
     entries = []
     for label, det in rows:
         for atk in FIGURE8_ATTACKS:
             spec, skip = _attack(atk, ctx)
             defense = _abl_paper(ctx)
-            if det is not None:
-                defense["detector"] = det
+            defense["detector"] = det if det is not None else to_plain(DEFENSES.create(defense).detector_part())
             entries.append(Entry(label, ATTACK_LABELS[atk], {"attack": spec, "defense": defense}, {}, skip))
     return _base(ctx, name), entries
 

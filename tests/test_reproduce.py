@@ -61,11 +61,25 @@ def test_every_cell_of_every_table_is_a_valid_experiment_with_the_papers_value(t
         assert {e.row for e in entries} == {"ABL (LGA)", "Flooding 0.5"}
         flood = next(c for c in cells if (c.raw["defense"].get("detector") or {}).get("name") == "flooding")
         assert flood.raw["defense"]["detector"]["gamma"] == 0.5  # appendix B.6: "the flooding level is set to 0.5"
+    if table in ("figure8", "figure9"):  # every row names its isolation, ABL's own LGA as the preset runs it
+        lga = [c.raw["defense"]["detector"] for c in cells if c.raw["defense"]["detector"]["name"] == "lga_batch"]
+        assert len(lga) == len(cells) // len({e.row for e in entries})
+        assert all(d["gamma"] == 0.5 and d["ranking"] == "eval" and d["rank_epochs"] == 1 for d in lga)
     if table == "figure9":
-        values = sorted(c.raw["defense"]["detector"]["smoothing_value"] for c in cells if c.raw["defense"].get("detector"))
+        values = sorted(c.raw["defense"]["detector"]["smoothing_value"] for c in cells
+                        if c.raw["defense"]["detector"]["name"] == "label_smoothing")
         assert set(values) == {0.2, 0.4}  # appendix B.6: "even with the smoothing value set to 0.4"
     if table == "figure7":
         assert {e.row for e in entries} == {"ABL (LGA)", "AC", "SSA"} and len({e.col for e in entries}) == 6
+
+
+def test_one_override_shortens_the_isolation_of_every_figure8_row():
+    """Figures 8/9 swap ABL's isolation: one ``--set defense.detector.epochs`` must reach every row."""
+    ctx = Context("slice", {"cifar10": "/data/cifar10"}, str(TRIGGER))
+    _, _, grid = plan("figure8", "slice", ctx, overrides=["defense.detector.epochs=3"])
+    cells = grid.cells(threads=1)
+    assert {c.raw["defense"]["detector"]["name"] for c in cells} == {"lga_batch", "flooding"}
+    assert {c.raw["defense"]["detector"]["epochs"] for c in cells} == {3}
 
 
 def test_tables_that_need_a_missing_input_say_so_instead_of_running():
