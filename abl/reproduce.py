@@ -279,12 +279,12 @@ def _isolation_swap(ctx: Context, name: str, rows: list[tuple[str, dict[str, Any
     from abl.config import to_plain
     from abl.defenses import DEFENSES
 
+    own = to_plain(DEFENSES.create(_abl_paper(ctx)).detector_part())
     entries = []
     for label, det in rows:
         for atk in FIGURE8_ATTACKS:
             spec, skip = _attack(atk, ctx)
-            defense = _abl_paper(ctx)
-            defense["detector"] = det if det is not None else to_plain(DEFENSES.create(defense).detector_part())
+            defense = {**_abl_paper(ctx), "detector": det if det is not None else dict(own)}
             entries.append(Entry(label, ATTACK_LABELS[atk], {"attack": spec, "defense": defense}, {}, skip))
     return _base(ctx, name), entries
 

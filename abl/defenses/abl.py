@@ -396,10 +396,11 @@ class ABL(Defense):
         iso = isolation_metrics(isolated, engine.data.poison_mask)
         iso["iso_auprc"] = detection_metrics(suspicion, engine.data.poison_mask.cpu(), self.isolation_rate)["auprc"]
         evidence = isolation_evidence(scores, isolated, engine.data.labels)
-        evidence["iso_weak"] = float(bool(self.weak_evidence(evidence)))
-        if evidence["iso_weak"]:
+        why = self.weak_evidence(evidence)
+        evidence["iso_weak"] = float(bool(why))
+        if why:
             warnings.warn(
-                f"ABL: weak isolation evidence: {'; '.join(self.weak_evidence(evidence))}; the isolated "
+                f"ABL: weak isolation evidence: {'; '.join(why)}; the isolated "
                 "examples may be clean examples, and unlearning them costs clean accuracy. Check the "
                 "loss curves and the isolated pictures in the report.",
                 stacklevel=2,

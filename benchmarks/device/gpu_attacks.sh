@@ -11,13 +11,7 @@
 #                    (Table 11), BadNets and Trojan, from 40-epoch backdoored models (issue 10)
 # CPU rehearsal: REHEARSE=1 OUT=/tmp/out ROOT=<cifar10 folder> bash benchmarks/device/gpu_attacks.sh
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-W=/tmp/wa; rm -rf $W; mkdir -p $W
-export PYTHONUNBUFFERED=1 ABL_CACHE_DIR=/tmp/ablcache
-LIMIT=${LIMIT:-500}
-T0=$(date +%s)
-left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
-TROJAN=$PWD/device-data/abl-official-trojan-cifar10.npz
+W=/tmp/wa; LIMIT=${LIMIT:-500}
 if [ -n "${REHEARSE:-}" ]; then
   FS="--train 600 --test 300 --epochs-scale 0.03"
   SET="--set slice.train=600 --set slice.test=300 --set defense.isolation_epochs=2 --set defense.recovery_epochs=2
@@ -29,16 +23,7 @@ else
   FS=""; SET=""; LBA=""; DFST=""
   NC="--train 50000 --test 10000 --backdoor-epochs 40 --backdoor-milestones 8 28"
 fi
-{ nvidia-smi --query-gpu=name,memory.total --format=csv; git log -1 --format=%h; \
-  python3 -c "import torch,sys;print(sys.version, torch.__version__, torch.cuda.is_available())"; } > $W/device.txt 2>&1
-ROOT=${ROOT:-/tmp/d/cifar10}
-[ -d "$ROOT/train" ] || { mkdir -p "$ROOT" && tar xzf device-data/cifar10-jpeg.tar.gz -C "$ROOT"; }
-# decode the JPEGs once into the dataset cache, so the parallel jobs all hit it
-python3 -c "
-import time; t=time.perf_counter()
-from abl.data.registry import DATASETS
-s = DATASETS.create({'name':'cifar10','root':'$ROOT'}).load()
-print('load s', round(time.perf_counter()-t,1), tuple(s.train.images.shape))" >> $W/device.txt 2>&1
+source benchmarks/device/common.sh
 
 timeout $(left) python3 benchmarks/full_scale.py --root $ROOT --runs official --runs-dir $W/runs-official \
   --threads 1 --progress --row-json $W/official.json $FS > $W/official.log 2>&1 &

@@ -7,13 +7,7 @@
 # precision and separation at full scale.
 # CPU rehearsal: REHEARSE=1 OUT=/tmp/out ROOT=<cifar10 folder> bash benchmarks/device/gpu_isolation.sh
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-W=/tmp/wi; rm -rf $W; mkdir -p $W
-export PYTHONUNBUFFERED=1 ABL_CACHE_DIR=/tmp/ablcache
-LIMIT=${LIMIT:-270}
-T0=$(date +%s)
-left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
-TROJAN=$PWD/device-data/abl-official-trojan-cifar10.npz
+W=/tmp/wi; LIMIT=${LIMIT:-270}
 if [ -n "${REHEARSE:-}" ]; then
   SET="--set slice.train=600 --set slice.test=300 --set defense.isolation_epochs=2"
   LBA="--set attack.steps=2 --set attack.surrogate_epochs=1"
@@ -21,11 +15,7 @@ if [ -n "${REHEARSE:-}" ]; then
 else
   SET=""; LBA=""; DFST=""
 fi
-ROOT=${ROOT:-/tmp/d/cifar10}
-[ -d "$ROOT/train" ] || { mkdir -p "$ROOT" && tar xzf device-data/cifar10-jpeg.tar.gz -C "$ROOT"; }
-python3 -c "
-from abl.data.registry import DATASETS
-DATASETS.create({'name':'cifar10','root':'$ROOT'}).load()" > $W/load.log 2>&1
+source benchmarks/device/common.sh
 ABL="python3 -m abl.cli run --set dataset.root=$ROOT --set dataset.download=false --set defense={'name':'abl'}
      --set defense.recovery_epochs=0 --set defense.recovery_milestones=[] --set defense.unlearning_epochs=0
      --set train.threads=1 --set train.eval_every=5 --set output.save_model=false $SET"
@@ -38,6 +28,7 @@ for a in blend trojan sig cba lba dfst; do
     > $W/iso-$a.log 2>&1 &
 done
 wait
-echo "all done after $(( $(date +%s) - T0 )) s" >> $W/load.log
-(cd $W && tar czf "$OUT/results.tgz" $(find . \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \) -size -4M))
+echo "all done after $(( $(date +%s) - T0 )) s" >> $W/device.txt
+(cd $W && tar czf "$OUT/results.tgz" $(find . \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' -o -name '*.txt' \) -size -4M))
+cat $W/device.txt
 for f in $W/*.log; do echo "== $f"; grep -v "it/s\|s/it" $f | grep -i "warn\|finished\|error\|done" | cut -c1-250; done
