@@ -104,8 +104,7 @@ class FeatureCollision(surrogate.SurrogateParams, CleanLabelAttack):
     def build(self, image_size: int) -> None:
         s = self.patch_size
         check(s <= image_size, "attack.patch_size", f"is {s} but the images are {image_size}x{image_size}")
-        reps = -(-s // 3)
-        patch = AUTHORS_GRID.repeat(reps, reps)[:s, :s].expand(3, s, s)
+        patch = self.patch()
         far = image_size - s
         self.mask = torch.zeros(1, image_size, image_size)
         self.mask[:, far:, far:] = 1.0
@@ -114,6 +113,12 @@ class FeatureCollision(surrogate.SurrogateParams, CleanLabelAttack):
         self.perturbed: torch.Tensor | None = None
         self.perturbed_index: torch.Tensor | None = None
         self.source_index: torch.Tensor | None = None
+
+    def patch(self) -> torch.Tensor:
+        """The ``(3, patch_size, patch_size)`` trigger patch: the authors' grid, tiled."""
+        s = self.patch_size
+        reps = -(-s // 3)
+        return AUTHORS_GRID.repeat(reps, reps)[:s, :s].expand(3, s, s)
 
     def artefacts(self) -> dict[str, torch.Tensor]:
         out = {"mask": self.mask, "pattern": self.pattern_image}
@@ -161,6 +166,11 @@ class FeatureCollision(surrogate.SurrogateParams, CleanLabelAttack):
             out[b : b + _FC_BATCH] = x.detach().mul_(255).round_().clamp_(0, 255).to(torch.uint8)
         return out
 
+    def choose(self, train: ImageSplit, device: torch.device | str) -> torch.Tensor:
+        """The boolean mask of the target-class images to perturb: seeded at random
+        (:meth:`select`); a subclass may choose by the surrogate."""
+        return self.select(train.labels)
+
     def extra_key(self) -> dict[str, object]:
         """Settings of a subclass's crafting that its cache key must also hold."""
         return {}
@@ -188,7 +198,7 @@ class FeatureCollision(surrogate.SurrogateParams, CleanLabelAttack):
 
         def build() -> dict[str, torch.Tensor]:
             model = self.load_surrogate(train, self.num_classes, device, fingerprint)
-            self._crafting = (train, idx, device)  # for a subclass that retrains while crafting
+            self._crafting = (train, idx, device, src)  # for a subclass that retrains or re-stamps while crafting
             images = train.images[idx].to(device)
             sources = train.images[src].to(device)
             return {"images": self._collide(model, images, sources), "indices": idx, "sources": src}
@@ -200,7 +210,7 @@ class FeatureCollision(surrogate.SurrogateParams, CleanLabelAttack):
     def poison(self, train: ImageSplit, device: torch.device | str = "cpu") -> PoisonedSet:
         """Select target-class images and perturb them towards triggered source images
         (cached); no trigger is stamped and no label changes."""
-        mask = self.select(train.labels)
+        mask = self.choose(train, device)
         perturbed = self.fit(train, mask, device)
         images = train.images.to(device, copy=True)
         labels = train.labels.to(device)
