@@ -52,18 +52,29 @@ def poisoned_digits(rate: float):
 
 # 10%: the issue's setting; on 10 classes the target class is then half poison, against
 # both detectors' premise (a minority sub-population). 5%: a third of the target class.
+# The detectors' results swing from one training run to the next (AC at 10% failed
+# outright for one seed of five, precision at 1% 0.00), and the same seed trains a
+# different model on another CPU's kernels: a test on one run held thresholds measured on
+# another machine and failed here. So each rate trains SEEDS models and the test holds
+# the median of each metric.
+SEEDS = range(5)
+
+
 @pytest.fixture(scope="module", params=[0.1, 0.05], ids=["rate0.1", "rate0.05"])
 def backdoored(request):
-    """A small CNN trained on poisoned digits until the backdoor is learned (~6-10 s)."""
+    """Small CNNs trained on poisoned digits until the backdoor is learned, one per seed (~6-10 s each)."""
     splits, data, trig = poisoned_digits(request.param)
-    torch.manual_seed(0)
-    model = MODELS.create({"name": "small_cnn", "width": 16}).build(10, splits.image_size)
-    cfg = TrainConfig(progress=False, threads=1, eval_every=0, checkpoint=False, batch_size=64)
-    engine = Engine(model, data, splits.test, trig, cfg, seed=0)
-    engine.run_phase("train", epochs=12, lr=0.05, milestones=[9])
-    final = engine.history[-1]
-    assert final["asr"] > 0.9 and final["clean_acc"] > 0.9, f"the backdoored model is not usable: {final}"
-    return request.param, model.eval(), data
+    models = []
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        model = MODELS.create({"name": "small_cnn", "width": 16}).build(10, splits.image_size)
+        cfg = TrainConfig(progress=False, threads=1, eval_every=0, checkpoint=False, batch_size=64)
+        engine = Engine(model, data, splits.test, trig, cfg, seed=seed)
+        engine.run_phase("train", epochs=12, lr=0.05, milestones=[9])
+        final = engine.history[-1]
+        assert final["asr"] > 0.9 and final["clean_acc"] > 0.9, f"seed {seed}: the backdoored model is not usable: {final}"
+        models.append(model.eval())
+    return request.param, models, data
 
 
 @pytest.fixture(scope="module")
@@ -195,39 +206,49 @@ def test_spectral_signatures_scores_the_shifted_minority_highest():
 
 # -- real detection: digits, BadNets to class 0, a backdoored small CNN --------------------
 
-# Measured on these fixtures (one thread). Over the whole set, AUPRC / precision at 1% / at
-# the poison rate; within the target class, AUPRC (its base rate: 0.50 at 10%, 0.34 at 5%):
-#   10%: activation clustering 0.52 / 1.00 / 0.42, within 0.97
-#        spectral signatures   0.35 / 0.77 / 0.39, within 0.86
-#    5%: activation clustering 0.37 / 1.00 / 0.33, within 0.98
-#        spectral signatures   0.52 / 0.92 / 0.52, within 0.82
-# Thresholds sit well above the base rates and above what the broken variants we tried
-# gave (e.g. scoring the larger cluster: within-class AUPRC 0.72-0.74; projecting on the
-# smallest singular direction: AUPRC 0.15 at 5%).
+# Measured on these fixtures (one thread, AMD EPYC, 2026-12-06), per seed 0-4. Over the
+# whole set, AUPRC / precision at 1% / at the poison rate; within the target class, AUPRC
+# (its base rate: 0.50 at 10%, 0.34 at 5%); the median of the five in brackets:
+#   10%: activation clustering AUPRC 0.30 0.55 0.28 0.57 0.83 (0.55), P@1% 1 1 0 1 1 (1.0),
+#          P@rate (0.44), within 0.96 0.98 0.32 0.97 0.99 (0.97)
+#        spectral signatures   AUPRC 0.30 0.23 0.25 0.29 0.25 (0.25), P@1% (0.77), P@rate
+#          (0.26), within 0.76 0.60 0.60 0.74 0.59 (0.60)
+#    5%: activation clustering AUPRC (0.70), P@1% (1.0), P@rate (0.59), within (0.99)
+#        spectral signatures   AUPRC 0.38 0.59 0.34 0.29 0.33 (0.34), P@1% (0.77), P@rate
+#          (0.39), within (0.75)
+# Thresholds sit below those medians and above the base rates and what the broken variants
+# we tried gave (scoring the larger cluster: within-class AUPRC 0.72-0.74; projecting on
+# the smallest singular direction: AUPRC 0.15 at 5%).
 EXPECTED = {
-    ("activation_clustering", 0.1): {"auprc": 0.4, "precision_1pc": 0.9, "precision_rate": 0.25, "within": 0.9},
-    ("spectral_signatures", 0.1): {"auprc": 0.25, "precision_1pc": 0.6, "precision_rate": 0.25, "within": 0.7},
-    ("activation_clustering", 0.05): {"auprc": 0.25, "precision_1pc": 0.9, "precision_rate": 0.2, "within": 0.9},
-    ("spectral_signatures", 0.05): {"auprc": 0.4, "precision_1pc": 0.75, "precision_rate": 0.35, "within": 0.7},
+    ("activation_clustering", 0.1): {"auprc": 0.35, "precision_1pc": 0.9, "precision_rate": 0.25, "within": 0.9},
+    ("spectral_signatures", 0.1): {"auprc": 0.18, "precision_1pc": 0.5, "precision_rate": 0.15, "within": 0.55},
+    ("activation_clustering", 0.05): {"auprc": 0.45, "precision_1pc": 0.9, "precision_rate": 0.35, "within": 0.9},
+    ("spectral_signatures", 0.05): {"auprc": 0.25, "precision_1pc": 0.5, "precision_rate": 0.25, "within": 0.6},
 }
 
 
 @pytest.mark.parametrize("name", MODEL_BASED)
 def test_detector_ranks_backdoor_poisons_high(name, backdoored):
-    rate, model, data = backdoored
+    rate, models, data = backdoored
     assert (name, rate) in EXPECTED, f"measure detector '{name}' at rate {rate} and add it to EXPECTED"
     want = EXPECTED[(name, rate)]
-    scores = DETECTORS.create({"name": name}).score(model, data)
     base = float(data.poison_mask.float().mean())
-    at_1pc = detection_metrics(scores, data.poison_mask, 0.01)
-    at_rate = detection_metrics(scores, data.poison_mask, base)
-    assert at_1pc["auprc"] > want["auprc"], f"AUPRC {at_1pc['auprc']:.3f} (base rate {base:.3f})"
-    assert at_1pc["precision"] >= want["precision_1pc"], f"precision at 1% {at_1pc['precision']:.3f}"
-    assert at_rate["precision"] > want["precision_rate"], f"precision at the poison rate {at_rate['precision']:.3f}"
-    # the poisoned class itself: poisons above its clean examples (the detectors' core claim)
     target = data.labels == 0
-    within = detection_metrics(scores[target], data.poison_mask[target], base)["auprc"]
-    assert within > want["within"], f"AUPRC within the target class {within:.3f}"
+    runs = []
+    for model in models:
+        scores = DETECTORS.create({"name": name}).score(model, data)
+        at_1pc = detection_metrics(scores, data.poison_mask, 0.01)
+        runs.append({
+            "auprc": at_1pc["auprc"],
+            "precision_1pc": at_1pc["precision"],
+            "precision_rate": detection_metrics(scores, data.poison_mask, base)["precision"],
+            # the poisoned class itself: poisons above its clean examples (the detectors' core claim)
+            "within": detection_metrics(scores[target], data.poison_mask[target], base)["auprc"],
+        })
+    for key, threshold in want.items():
+        values = [r[key] for r in runs]
+        median = float(np.median(values))
+        assert median >= threshold, f"{key}: median {median:.3f} over seeds {[round(v, 2) for v in values]} < {threshold}"
 
 
 # -- training detectors: they train their own isolation model through the engine ----------

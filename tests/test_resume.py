@@ -32,11 +32,12 @@ ABL_SHORT = {"isolation_epochs": 3, "recovery_epochs": 3, "recovery_milestones":
 DEFENSES = {
     # trajectory ranking, held-out selection with early stop, GGA over D_c
     "default": {"name": "abl", **ABL_SHORT, "isolation_rate": 0.05},
-    # an unlearning lr at which the held-out check keeps epoch 2 of the 5 it runs (measured):
-    # the best epoch's weights, taken before the stop, must survive it
+    # an unlearning lr at which the held-out check keeps an early epoch and stops before the
+    # last (measured: kept 4, stopped after 6 of 10; on another CPU's kernels, 2 of 5 with
+    # 6 epochs and patience 3): the best epoch's weights, taken before the stop, must survive it
     "default-select": {
-        "name": "abl", **ABL_SHORT, "isolation_rate": 0.05, "unlearning_epochs": 6, "unlearning_lr": 0.01,
-        "unlearning_patience": 3,
+        "name": "abl", **ABL_SHORT, "isolation_rate": 0.05, "unlearning_epochs": 10, "unlearning_lr": 0.01,
+        "unlearning_patience": 2,
     },
     # eval-mode ranking passes over the last 2 isolation epochs (kept in the engine's state)
     "paper-eval2": {"name": "abl", "preset": "paper", **ABL_SHORT, "rank_epochs": 2, "isolation_rate": 0.05},
@@ -107,7 +108,7 @@ def uninterrupted(tmp_path_factory):
         ("default", 2),  # mid-isolation
         ("default", 4),  # first recovery epoch: resumes from the end of isolation
         ("default", 8),  # mid-unlearning: the best held-out epoch so far must survive
-        ("default-select", 9),  # after the kept epoch: it must come back from the checkpoint
+        ("default-select", None),  # after the kept epoch: it must come back from the checkpoint
         ("paper-eval2", 3),  # after the first ranking pass, before the second
         ("paper-eval2", 9),
         ("official", 7),  # first ascent epoch: the recovery momentum is carried in
@@ -117,6 +118,10 @@ def uninterrupted(tmp_path_factory):
 def test_resumed_run_ends_as_the_uninterrupted_one(tmp_path, uninterrupted, preset, stop_at):
     straight = uninterrupted[preset]
     total = len(straight.history())
+    if stop_at is None:  # one epoch after the kept one (whose checkpoint is then the last written)
+        kept = int(straight.metrics["unlearning"]["unlearn_epoch_kept"])
+        assert kept < straight.metrics["unlearning"]["unlearn_epochs_run"], "the kept epoch must not be the last"
+        stop_at = 6 + kept + 1
     assert stop_at <= total
     store = RunStore(tmp_path / "runs")
     with pytest.raises(_Stop):
@@ -131,8 +136,6 @@ def test_resumed_run_ends_as_the_uninterrupted_one(tmp_path, uninterrupted, pres
     assert not (resumed.path / checkpoint.FILE_NAME).exists(), "the checkpoint is removed when the run finishes"
     assert resumed.meta["resumed"], "the record says it was resumed"
     _assert_same(straight, resumed)
-    if preset == "default-select":
-        assert straight.metrics["unlearning"]["unlearn_epoch_kept"] <= stop_at - 6 - 1, "the kept epoch is in the checkpoint"
 
 
 def test_a_run_interrupted_twice_still_ends_the_same(tmp_path, uninterrupted):
