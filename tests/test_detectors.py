@@ -254,15 +254,15 @@ def test_detector_ranks_backdoor_poisons_high(name, backdoored):
 # -- training detectors: they train their own isolation model through the engine ----------
 
 
-def digits_engine(rate: float = 0.1, n: int | None = None) -> Engine:
+def digits_engine(rate: float = 0.1, n: int | None = None, seed: int = 0) -> Engine:
     splits, data, trig = poisoned_digits(rate)
     if n is not None:
         keep = torch.arange(n)
         data = PoisonedSet(data.images[keep], data.labels[keep], data.true_labels[keep], data.poison_mask[keep])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = MODELS.create({"name": "small_cnn", "width": 16}).build(10, splits.image_size)
     cfg = TrainConfig(progress=False, threads=1, eval_every=0, checkpoint=False, batch_size=64)
-    return Engine(model, data, splits.test, trig, cfg, seed=0)
+    return Engine(model, data, splits.test, trig, cfg, seed=seed)
 
 
 @pytest.mark.parametrize("name", TRAINING)
@@ -281,34 +281,45 @@ def test_training_detector_contract(name):
 
 
 # Measured on all 1,797 digits, BadNets 10% to class 0, small CNN, 10 epochs at lr 0.05
-# (one thread), precision of the 1% isolated: lga_batch 1.00, flooding 1.00, abl_default
-# 1.00; cross_entropy 0.00, label_smoothing 0.00, per-example lga 0.00. The paper's Table 7
-# and Figure 9 in miniature: a loss that holds the batch mean at gamma separates the
-# poisons, plain training (gamma = 0) and label smoothing do not (CIFAR-10: 100% vs 26%).
+# (one thread, AMD EPYC with AVX-512, 2026-12-06), precision of the 1% isolated for seeds
+# 0-4 (median): lga_batch = flooding 0.15 1.00 0.69 1.00 0.85 (0.85), abl_default 0.00 1.00
+# 0.85 0.92 0.85 (0.85); cross_entropy 0.31 0.00 0.08 0.92 0.92 (0.31), label_smoothing
+# 0.00 0.08 0.46 0.00 0.08 (0.08), per-example lga 0.00 0.00 0.62 0.85 0.23 (0.23). One run
+# is no evidence on these easy digits (seed 0 alone inverts the order, and on another CPU
+# the same seed gave lga_batch 1.00, cross_entropy 0.00): the test holds the medians. The
+# paper's Table 7 and Figure 9 in miniature: a loss that holds the batch mean at gamma
+# separates the poisons, plain training (gamma = 0) and label smoothing do not (CIFAR-10:
+# 100% vs 26%).
 SEPARATES = {"lga_batch": True, "flooding": True, "abl_default": True, "cross_entropy": False,
              "label_smoothing": False, "lga": False}
 
 
 @pytest.fixture(scope="module")
 def training_scores():
+    """Per training detector, (scores, poison mask) of each seed in SEEDS."""
     out = {}
     for name in TRAINING:
-        engine = digits_engine()
-        out[name] = (DETECTORS.create({"name": name, "epochs": 10, "lr": 0.05}).detect(engine), engine.data.poison_mask)
+        out[name] = []
+        for seed in SEEDS:
+            engine = digits_engine(seed=seed)
+            scores = DETECTORS.create({"name": name, "epochs": 10, "lr": 0.05}).detect(engine)
+            out[name].append((scores, engine.data.poison_mask))
     return out
 
 
 @pytest.mark.parametrize("name", TRAINING)
 def test_training_detector_isolation_matches_the_papers_ordering(name, training_scores):
     assert name in SEPARATES, f"measure detector '{name}' on digits and add it to SEPARATES"
-    scores, mask = training_scores[name]
-    precision = detection_metrics(scores, mask, 0.01)["precision"]
+    precisions = [detection_metrics(scores, mask, 0.01)["precision"] for scores, mask in training_scores[name]]
+    median = float(np.median(precisions))
+    shown = [round(p, 2) for p in precisions]
     if SEPARATES[name]:
-        assert precision >= 0.9, f"{name}: precision at 1% {precision:.2f}"
+        assert median >= 0.6, f"{name}: median precision at 1% {median:.2f} over seeds {shown}"
     else:
-        assert precision <= 0.3, f"{name}: precision at 1% {precision:.2f}; the paper's baseline should fail here"
+        assert median <= 0.5, f"{name}: median precision at 1% {median:.2f} over seeds {shown}; the paper's baseline should fail here"
 
 
 def test_lga_batch_and_flooding_rank_alike(training_scores):
     """``sign(L - g) * L`` and ``|L - g| + g`` have the same gradient: same model, same ranking."""
-    assert torch.equal(training_scores["lga_batch"][0], training_scores["flooding"][0])
+    for (lga, _), (flood, _) in zip(training_scores["lga_batch"], training_scores["flooding"]):
+        assert torch.equal(lga, flood)
