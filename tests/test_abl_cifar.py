@@ -105,15 +105,22 @@ def test_every_stage_is_measured(cifar_runs):
 
 
 def test_backdoor_examples_are_learned_faster(cifar_runs):
-    """The paper's Figure 6, from the per-example losses recorded during training: over the
-    first half of the run the poisons' mean training loss is under half the clean
-    examples'. (By the last epoch of the 31-epoch baseline both are fitted, 0.010 against
-    0.015 for BadNets, so the last epoch says nothing about speed.)"""
+    """The paper's Figure 6, from the per-example losses recorded during training: the
+    poisons' mean training loss falls below 0.1 at least 5 epochs before the clean
+X
+    Blend 7 against 24, Trojan 15 against 24. A fixed epoch is no test: BadNets' poisons sat
+    above the clean examples until epoch 9 on one CPU, and by the last epoch both are
+    fitted.)"""
     _, records, _ = cifar_runs
     losses = records["none"].array("example_losses")
     mask = records["none"].array("poison_mask")
-    early = losses[: len(losses) // 2]
-    assert np.nanmean(early[:, mask]) < 0.5 * np.nanmean(early[:, ~mask])
+
+    def fitted_at(sel: np.ndarray) -> int:
+        below = np.flatnonzero(np.nanmean(losses[:, sel], axis=1) < 0.1)
+        return int(below[0]) + 1 if len(below) else len(losses) + 1
+
+    poison, clean = fitted_at(mask), fitted_at(~mask)
+    assert poison + 5 <= clean, f"poisons fitted at epoch {poison}, clean examples at {clean}"
 
 
 def test_report_from_the_store(cifar_runs):
