@@ -3,8 +3,8 @@
 3,000 training / 1,000 test images of GTSRB (43 classes, 32x32), BadNets with the grid in
 the top-left corner, 5% poisoning, target 1 (the paper's GTSRB target). Default ABL with
 the slice schedule's shortened recovery and unlearning but the default's own isolation
-length (20 epochs, not the slice's 12), nothing else set, against no defense of the same
-length.
+length (20 epochs; the slice schedule shortened it to 12 until 2026-12-06, and now keeps
+20 too), nothing else set, against no defense of the same length.
 
 Why the isolation is not shortened here: on this slice the backdoor is learned only at
 isolation epoch 12 (ASR 21% at epoch 9, 91% at 12), and the default ranks by the mean log
