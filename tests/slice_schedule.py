@@ -1,7 +1,7 @@
 """The one shortened schedule every real-data slice test runs ABL with.
 
-Only the recovery and unlearning epoch counts are shortened from the default preset (two CPU cores cannot train 100
-epochs per test); every other ABL value is the default's. The engine trains at batch 64,
+Only the recovery and unlearning epoch counts are shortened from the default preset (two
+CPU cores cannot train 100 epochs per test); every other ABL value is the default's. The engine trains at batch 64,
 the ABL authors' batch size (bboylyg/ABL config.py:24): a 5,000-image slice then takes 79
 steps per epoch, and the backdoor was learned by isolation epoch 8 (at batch 128 it took
 11; at 32 the trajectory ranking fell to 90% precision). The recovery keeps the paper's

@@ -21,15 +21,12 @@ import pytest
 
 from abl.experiment import build_experiment, run_experiment
 from abl.store import RunStore
-from abl.defenses.abl import PRESETS
-from slice_schedule import ABL_DEFAULT_SLICE, RECOVERY, SLICE_TRAIN, UNLEARNING, none_of_length
+from slice_schedule import ABL_DEFAULT_SLICE as ABL
+from slice_schedule import ISOLATION, SLICE_TRAIN
+from slice_schedule import NONE_SAME_LENGTH as NONE
 
 # About 20 minutes on two CPU threads, beyond CI's budget: run with -m extended (README).
 pytestmark = [pytest.mark.slow, pytest.mark.extended, pytest.mark.xdist_group("gtsrb")]
-
-ISOLATION = PRESETS["default"]["isolation_epochs"]  # the default's own turning epoch
-ABL = {k: v for k, v in ABL_DEFAULT_SLICE.items() if k != "isolation_epochs"}
-NONE = none_of_length(ISOLATION + RECOVERY + UNLEARNING)
 
 ATTACK = {"name": "badnets", "rate": 0.05, "target": 1, "position": "top_left"}
 
