@@ -70,23 +70,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _yaml_value(value: object) -> str:
-    """A default as it would be written in a YAML config (null, true, [20, 70])."""
-    import dataclasses
-
-    import yaml
-
-    from abl.config import to_plain
-
-    if value is dataclasses.MISSING:
-        return "(required)"
-    text = yaml.safe_dump(to_plain(value), default_flow_style=True, width=1000).strip()
-    return text.removesuffix("\n...").strip()
-
-
 def _cmd_list(args: argparse.Namespace) -> int:
     from abl.registries import all_registries
-    from abl.registry import describe
+    from abl.registry import format_component
 
     registries = all_registries()
     if args.kind is None:
@@ -100,15 +86,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.name is None:
         print(f"{kind}s: {', '.join(registry.names())}")
         return 0
-    cls = registry.get(args.name)
-    summary = (cls.__doc__ or "").strip().replace("``", "").splitlines()
-    print(f"{kind} {args.name}: {summary[0] if summary else ''}".rstrip(": "))
-    params = describe(cls)
-    if not params:
-        print("  (no parameters)")
-    for p in params:
-        line = f"  {p.name}: {p.type} = {_yaml_value(p.default)}"
-        print(f"{line}  -- {p.doc}" if p.doc else line)
+    print(format_component(kind, args.name, registry.get(args.name)))
     return 0
 
 
@@ -237,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, repeatable")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("list", help="list the registered datasets, models, attacks and defenses, or one's parameters")
-    p.add_argument("kind", nargs="?", help="dataset, model, attack or defense: list only these")
+    p = sub.add_parser("list", help="list the registered datasets, models, attacks, defenses, detectors and unlearners, "
+                       "or one's parameters")
+    p.add_argument("kind", nargs="?", help="dataset, model, attack, defense, detector or unlearner: list only these")
     p.add_argument("name", nargs="?", help="a component: show its parameters with defaults (e.g. `abl list attack badnets`)")
     p.set_defaults(func=_cmd_list)
 

@@ -82,10 +82,19 @@ class ParamDoc(NamedTuple):
     name: str
     type: str
     default: Any  # dataclasses.MISSING when the parameter is required
-    doc: str  # one line, "" when the docstrings do not describe it
+    doc: str  # the whole description as plain text, "" when the docstrings do not describe it
+    #: preset name -> the value this field takes under it, for a field a preset fills in
+    #: (its default is None); empty for every other field
+    presets: dict[str, Any] = {}
 
 
 _ENTRY = re.compile(r"^(?P<names>[a-z_][a-z0-9_]*(?:, *[a-z_][a-z0-9_]*)*): *(?P<text>.*)$")
+_ROLE = re.compile(r":[a-z]+:`~?(?P<target>[^`]+)`")
+
+
+def plain_text(text: str) -> str:
+    """Docstring markup as a reader sees it: ``x`` -> x, :func:`f` -> f."""
+    return _ROLE.sub(lambda m: m.group("target").rsplit(".", 1)[-1], text).replace("``", "")
 
 
 def _docstring_params(cls: type) -> dict[str, str]:
@@ -114,19 +123,29 @@ def _docstring_params(cls: type) -> dict[str, str]:
                 for part in text[1:]:  # a word broken at a hyphen stays one word
                     joined += part if joined.endswith("-") else " " + part
                 for name in m.group("names").split(","):
-                    found[name.strip()] = joined.replace("``", "")
+                    found[name.strip()] = plain_text(joined)
     return found
 
 
-def _one_line(text: str, width: int = 100) -> str:
-    """The first sentence of ``text``, cut to ``width`` characters."""
-    first = re.split(r"(?<=[a-z0-9)])\. ", text, maxsplit=1)[0].rstrip(".")
-    return first if len(first) <= width else first[: width - 3].rstrip() + "..."
+def summary(cls: type) -> str:
+    """The first paragraph of a component's docstring, as plain text on one line."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    return plain_text(" ".join(doc.split("\n\n", 1)[0].split()))
+
+
+def _field_presets(cls: type, name: str, default: Any) -> dict[str, Any]:
+    """``preset -> value`` for a field left None so that a preset fills it in: the
+    component's ``presets`` class attribute maps each preset name to its values."""
+    presets = getattr(cls, "presets", None)
+    if default is not None or not isinstance(presets, dict) or not any(name in v for v in presets.values()):
+        return {}
+    return {p: values.get(name, default) for p, values in presets.items()}
 
 
 def describe(cls: type) -> list[ParamDoc]:
     """The parameters of component class ``cls`` (its dataclass fields), in field order,
-    with their types and defaults from the class and one line each from its docstrings."""
+    with their types and defaults from the class, each preset's value where a preset
+    fills the field in, and their descriptions from its docstrings."""
     docs = _docstring_params(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -141,5 +160,39 @@ def describe(cls: type) -> list[ParamDoc]:
         type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         # Literal["a", "b"] -> 'a' | 'b': the values a config may hold
         type_name = re.sub(r"Literal\[([^\]]*)\]", lambda m: " | ".join(v.strip() for v in m.group(1).split(",")), type_name)
-        out.append(ParamDoc(f.name, type_name, default, _one_line(docs.get(f.name, ""))))
+        out.append(ParamDoc(f.name, type_name, default, docs.get(f.name, ""), _field_presets(cls, f.name, default)))
     return out
+
+
+def yaml_value(value: Any) -> str:
+    """A value as it would be written in a YAML config (null, true, [20, 70])."""
+    import yaml
+
+    from abl.config import to_plain
+
+    if value is dataclasses.MISSING:
+        return "(required)"
+    text = yaml.safe_dump(to_plain(value), default_flow_style=True, width=1000).strip()
+    return text.removesuffix("\n...").strip()
+
+
+def format_component(kind: str, name: str, cls: type, width: int = 100) -> str:
+    """``abl list KIND NAME``: the component's summary, then per parameter its type and
+    default (or each preset's value) and its whole description, wrapped to ``width``."""
+    import textwrap
+
+    lines = textwrap.wrap(f"{kind} {name}: {summary(cls)}".rstrip(": "), width, subsequent_indent="  ")
+    params = describe(cls)
+    if not params:
+        lines.append("  (no parameters)")
+    for p in params:
+        if p.presets:
+            value = ", ".join(f"{k}: {yaml_value(v)}" for k, v in p.presets.items())
+        else:
+            value = yaml_value(p.default)
+        lines += textwrap.wrap(f"{p.name}: {p.type} = {value}", width, initial_indent="  ",
+                               subsequent_indent="      ", break_on_hyphens=False)
+        if p.doc:
+            lines += textwrap.wrap(p.doc, width, initial_indent="      ", subsequent_indent="      ",
+                                   break_on_hyphens=False)
+    return "\n".join(lines)

@@ -57,7 +57,8 @@ def test_list_shows_every_registry(capsys):
 
 
 def test_list_shows_a_components_parameters(capsys):
-    """``abl list attack badnets``: every parameter, its default as YAML, one line from the docstrings."""
+    """``abl list attack badnets``: every parameter, its default as YAML, its description
+    from the docstrings (wrapped on the lines below it)."""
     import dataclasses
 
     from abl.attacks.badnets import BadNets
@@ -66,7 +67,13 @@ def test_list_shows_a_components_parameters(capsys):
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith("attack badnets: BadNets")
-    params = {line.split(":")[0].strip(): line for line in lines[1:]}
+    params: dict[str, str] = {}
+    for line in lines[1:]:
+        if line.startswith("  ") and not line.startswith("   "):  # a parameter's heading
+            name = line.split(":")[0].strip()
+            params[name] = line
+        else:  # its description, indented further
+            params[name] += " " + line.strip()
     assert list(params) == [f.name for f in dataclasses.fields(BadNets)]  # base Attack's fields too
     assert "= 0.1" in params["rate"] and "poisoned" in params["rate"]  # documented on the base class
     assert "'grid' | 'white' | 'random' = grid" in params["pattern"] and "seeded binary noise" in params["pattern"]

@@ -20,7 +20,7 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -139,13 +139,16 @@ class ABL(Defense):
     """Anti-Backdoor Learning. Fields left ``None`` take the value of ``preset``.
 
     Parameters:
-        preset: ``default`` (what we measured to work, see ``_DEFAULT_DIFFERS``),
-            ``paper`` (appendix A.3) or ``official`` (the authors' code).
+        preset: ``default`` (what we measured to work: trajectory ranking, GGA over ``D_c``
+            at lr 1e-3 with a loss ceiling, a held-out fifth of ``D_b`` that picks the
+            unlearning epoch; benchmarks/README.md, "Choosing the default"), ``paper``
+            (appendix A.3) or ``official`` (the authors' code). The fields below that show a
+            value per preset take it from the preset unless set.
         gamma: LGA threshold / flooding level (0.5).
         isolation_rate: fraction ``p`` of the training set isolated as ``D_b`` (0.01).
         isolation_loss: ``lga_batch`` (LGA on the batch mean, every preset but
-            ``official``), ``lga`` (per example: 0.0% precision at full scale, see
-            :func:`lga_objective`) or ``flooding`` (the authors' default).
+            ``official``), ``lga`` (per example: 0.0% precision at full CIFAR-10 scale,
+            never a preset's choice) or ``flooding`` (the authors' default).
         isolation_epochs: the turning epoch ``T_te`` (paper 20, official 10).
         isolation_lr: learning rate before the turning epoch (0.1; GTSRB 0.01).
         isolation_shuffle: shuffle during isolation (the authors' loader does not; class-
@@ -160,17 +163,26 @@ class ABL(Defense):
             rounded up; the default preset's choice, so it follows ``isolation_epochs``).
         batch_size: batch size of every ABL phase (None: ``train.batch_size``).
         nesterov: Nesterov momentum in ABL's optimizers (None: ``train.nesterov``).
-        recovery_epochs, recovery_lr, recovery_milestones, recovery_lr_factor: the middle
-            stage (60 epochs at 0.1, x0.1 from its epoch 40; the appendix gives no schedule,
-            this is the authors').
+        recovery_epochs: epochs of the middle stage, which trains on the examples not
+            isolated (60: the appendix gives no schedule, this is the authors'; 0 skips it).
+        recovery_lr: the recovery stage's starting learning rate (0.1, the authors').
+        recovery_milestones: recovery epochs at which the learning rate is multiplied by
+            ``recovery_lr_factor`` (the authors': [40]).
+        recovery_lr_factor: what the recovery learning rate is multiplied by at each
+            milestone (0.1).
         recovery_data: ``clean`` trains on ``D_c`` only, ``full`` on every example (the
             appendix's wording; method.md discusses the ambiguity).
-        recovery_augment, recovery_cutout, recovery_cutout_span: crop + flip + Cutout in
-            the recovery stage only; Cutout 9 (paper) or the authors' ``Cutout(1, 3)``
-            (``span: authors``: a 2x2 hole).
+        recovery_augment: random crop, flip and Cutout in the recovery stage only.
+        recovery_cutout: the Cutout hole's length in pixels: 9 in the paper, 3 in the
+            authors' code.
+        recovery_cutout_span: how the hole's length is read: ``length`` (a square of that
+            side, the paper's) or ``authors`` (the authors' ``Cutout(1, 3)``, whose length 3
+            cuts a 2x2 hole).
         unlearning: ``gga`` (joint ``mean(D_c) - mean(D_b)`` in every batch) or ``ascent``
             (``-mean(D_b)`` over ``D_b`` only, the authors').
-        unlearning_epochs, unlearning_lr: paper 20 at 1e-4; official 4 at 5e-4.
+        unlearning_epochs: epochs of unlearning (paper 20, official 4: the authors' loop runs
+            5 but its first only evaluates).
+        unlearning_lr: the unlearning learning rate (paper 1e-4, official 5e-4, default 1e-3).
         unlearning_epoch: what one unlearning epoch is: a pass over ``D_b`` (``isolated``,
             the authors' code: each ``D_b`` batch paired with as many ``D_c`` examples) or
             over ``D_c`` (``clean``: each ``D_c`` batch paired with as many ``D_b``
@@ -192,14 +204,15 @@ class ABL(Defense):
             (0: run every epoch).
         min_separation: the isolation evidence is flagged weak (metric ``iso_weak`` = 1, a
             warning, a line in the report) when ``iso_separation`` falls below this.
-        min_label_share: ... or when ``iso_top_label_share`` (the share of the isolated set
-            carrying its most common label) falls below this. An all-to-one backdoor puts its
+        min_label_share: the isolation evidence is also flagged weak when
+            ``iso_top_label_share`` (the share of the isolated set carrying its most common
+            label) falls below this. An all-to-one backdoor puts its
             poisons in one class, so a set spread over several is mostly not poisons: at full
             scale CBA's isolation (precision 0%, labels 51% one class) cleared the separation
             test at 6.01; no run we stored with precision >= 90% had a share under 0.96
             (benchmarks/README.md). Set 0 for an all-to-all attack.
         detector: any registered detector and its parameters (``abl list detector``) in
-            place of the isolation fields above (``isolation_loss`` ... ``rank_epochs``);
+            place of the isolation fields above (``isolation_loss`` to ``rank_epochs``);
             null: the isolation those fields describe (the preset's). Model-based detectors
             (activation clustering, spectral signatures) score with the backdoored model,
             trained with ``backdoor`` or read from the stage cache.
@@ -215,6 +228,9 @@ class ABL(Defense):
             timings are its own. Not with ``carry_momentum`` after recovery (the optimizer
             state is not cached).
     """
+
+    #: the values each preset gives the fields left None (``abl list defense abl`` shows them)
+    presets: ClassVar[dict[str, dict[str, object]]] = PRESETS
 
     preset: Literal["default", "paper", "official"] = "default"
     gamma: float = 0.5

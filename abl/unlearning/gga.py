@@ -78,7 +78,8 @@ class GGA(Unlearner):
     warns that the link was not cut).
 
     Parameters:
-        epochs, lr: 20 at 1e-3 (paper: 20 at 1e-4; authors: 4 at 5e-4).
+        epochs: epochs of unlearning (20; the paper's 20, the authors' 4).
+        lr: the unlearning learning rate (1e-3; the paper's 1e-4, the authors' 5e-4).
         epoch: what one epoch is: a pass over ``D_b`` (``isolated``, the authors': each
             ``D_b`` batch paired with as many ``D_c`` examples) or over ``D_c`` (``clean``:
             each ``D_c`` batch paired with as many ``D_b`` examples).
