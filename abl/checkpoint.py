@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
+from abl.atomic import atomic_write_bytes
 from abl.errors import StoreError
-from abl.store import _atomic_write_bytes
+from abl.run_folder import CHECKPOINT_FILE as FILE_NAME
 
 FORMAT = "abl-checkpoint/1"
-FILE_NAME = "checkpoint.safetensors"
 _META_KEY = "abl_checkpoint"
 _REF = "__tensor__"
 
@@ -80,7 +80,7 @@ def save(path: Path, state: dict[str, Any]) -> None:
     # allow_nan: the history may hold NaN (an undefined rate); only Python reads this back
     header = json.dumps({"format": FORMAT, "state": meta}, allow_nan=True)
     data = st_save(tensors, metadata={_META_KEY: header})
-    _atomic_write_bytes(path, lambda f: f.write(data))
+    atomic_write_bytes(path, lambda f: f.write(data))
 
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import abl
+from abl import provenance
 from abl import store as store_mod
 from abl.errors import StoreError
 from abl.store import RunStore
@@ -244,7 +245,7 @@ def test_git_revision_none_outside_a_checkout(tmp_path, monkeypatch):
     outside = tmp_path / "not-a-repo"
     outside.mkdir()
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
-    monkeypatch.setattr(store_mod, "_CODE_DIR", outside)
+    monkeypatch.setattr(provenance, "_CODE_DIR", outside)
     run = RunStore(tmp_path / "runs").create_run(CONFIG, name="g", seed=0)
     assert RunStore(tmp_path / "runs").get(run.run_id).meta["git"] is None
     # Without a git binary at all, recording still works.
@@ -289,3 +290,29 @@ def test_index_that_is_a_directory_is_a_clean_error(tmp_path):
     with pytest.raises(ConfigError, match="index.sqlite' is not a file"):
         check_runs_dir(store.root)
     assert main(["report", "--runs-dir", str(store.root)]) == 2
+
+
+def test_store_modules_import_no_cycle():
+    """Issue 28: the store's parts (atomic writes, run folder, writer, index, checkpoints)
+    import each other in one direction only; ``abl.checkpoint`` never imports the store."""
+    import ast
+    from pathlib import Path
+
+    parts = ("store", "checkpoint", "atomic", "run_folder", "run_writer", "run_index", "provenance")
+    pkg = Path(abl.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for part in parts:
+        deps = set()
+        for node in ast.walk(ast.parse((pkg / f"{part}.py").read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("abl."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("abl.")}
+        graph[part] = deps & set(parts)
+    assert "store" not in graph["checkpoint"] and "checkpoint" not in graph["store"]
+
+    def reaches(start: str, goal: str, seen: frozenset = frozenset()) -> bool:
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph[start])
+
+    cycles = [p for p in parts if reaches(p, p)]
+    assert cycles == [], f"import cycle through {cycles}: {graph}"
