@@ -139,7 +139,7 @@ def build_experiment(raw: dict[str, Any]) -> Experiment:
 
 
 INPUT_PATH_SECTIONS = ("dataset", "attack")
-"""Sections whose ``root`` and ``*_file`` keys name input files or folders."""
+"""Sections whose ``root``, ``path`` and ``*_file`` keys name input files or folders."""
 
 
 def resolve_input_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def resolve_input_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
             continue
         spec = dict(spec)
         for key, value in spec.items():
-            if (key == "root" or key.endswith("_file")) and isinstance(value, str) and value.strip():
+            if (key in ("root", "path") or key.endswith("_file")) and isinstance(value, str) and value.strip():
                 if not Path(value).expanduser().is_absolute():
                     spec[key] = str((base / value).resolve())  # resolve(): no 'configs/../' in the record
         out[section] = spec
