@@ -153,6 +153,9 @@ def test_negatives_are_seeded_and_can_be_turned_off():
     assert torch.equal(a.mix_index, b.mix_index) and torch.equal(a.residual_source, b.residual_source)
     assert torch.equal(da.images, db.images)
     assert not torch.equal(a.mix_index, c.mix_index)
+    # the seed draws the negatives and their residuals' sources, not only the poisons
+    (ia, sa), (ic, sc) = a.select_negatives(da.poison_mask), c.select_negatives(da.poison_mask)
+    assert not torch.equal(ia, ic) and not torch.equal(sa, sc)
     off = make(rate=0.05, negative_ratio=0)
     data = off.poison(split())
     assert len(off.mix_index) == 0

@@ -136,6 +136,9 @@ def test_noise_mode_is_seeded():
     da, db, dc = (att.poison(split()) for att in (a, b, c))
     assert torch.equal(a.mix_index, b.mix_index) and torch.equal(da.images, db.images)
     assert not torch.equal(a.mix_index, c.mix_index)
+    # the seed draws the noise-mode examples and their noise, not only the poisons
+    (ia, na), (ic, nc) = a.select_cross(da.poison_mask), c.select_cross(da.poison_mask)
+    assert not torch.equal(ia, ic) and not torch.equal(na, nc)
 
 
 def test_cross_ratio_zero_turns_noise_mode_off():
