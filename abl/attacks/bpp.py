@@ -77,7 +77,8 @@ class BPP(Attack):
     ``config.py`` defaults ``--dithering`` to False and its README command does not set it.
     The authors poison ``--injection_rate`` 0.2 and add ``--neg_rate`` 0.2 of each batch, one
     negative per poison: ``negative_ratio`` 1 keeps that proportion at this library's
-    ``rate`` (0.1 by default, the ABL paper's).
+    ``rate`` (0.1 by default, the ABL paper's). ASR is measured on the squeezed non-target
+    test images (the authors' ``eval`` counts the target class too).
 
     Poisoned once, not per batch: the authors' code squeezes the first ``injection_rate`` of
     every batch and adds residuals to the next ``neg_rate`` (residuals of five augmented

@@ -51,7 +51,8 @@ class WaNet(Attack):
 
     Defaults are the authors' CIFAR-10 settings (VinAIResearch/Warping-based_Backdoor_Attack-release
     at 45e8c33, ``config.py``: ``--k 4``, ``--s 0.5``, ``--grid-rescale 1``, ``--cross_ratio 2``
-    with ``--pc 0.1``); the test triggers every non-target test image with the plain warp.
+    with ``--pc 0.1``). ASR is measured on the warped non-target test images (the authors'
+    ``eval`` counts the target class too).
 
     Poisoned once, not per batch: the authors' ``train.py`` warps the first ``pc`` of every
     batch and the next ``pc * cross_ratio`` with fresh noise, so over the epochs every image
