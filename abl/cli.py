@@ -192,6 +192,35 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from abl.inference import load_model, predict_csv, write_atomic
+
+    model = load_model(args.run, args.runs_dir)
+    text = predict_csv(model, args.paths)
+    if args.out:
+        write_atomic(args.out, text)
+        print(f"predictions: {args.out} ({text.count(chr(10)) - 1} images)")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from abl.inference import evaluate_folder, evaluation_lines, load_model
+
+    result = evaluate_folder(load_model(args.run, args.runs_dir), args.data, target=args.target)
+    print("\n".join(evaluation_lines(result)))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from abl.inference import export_model, load_model
+
+    path = export_model(load_model(args.run, args.runs_dir), args.out, args.format)
+    print(f"exported: {path} ({args.format})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from abl import __version__
 
@@ -248,6 +277,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reproduce", help="folder for the Markdown table and the figure (default: reproduce)")
     _sweep_args(p)
     p.set_defaults(func=_cmd_reproduce)
+
+    run_help = "a run folder, or a run id (or unique prefix) in --runs-dir"
+    p = sub.add_parser("predict", help="classify image files with a finished run's model; CSV of file, class, probability")
+    p.add_argument("run", help=run_help)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument("--runs-dir", help="results folder holding the run id (default: runs)")
+    p.add_argument("--out", help="write the CSV to this file (default: print it)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("evaluate", help="a run's accuracy on a <class>/<image> folder; with --target, the share sent "
+                       "to that class")
+    p.add_argument("run", help=run_help)
+    p.add_argument("--data", required=True, help="a folder of <class>/<image> folders named as the run's classes; "
+                   "with --target also a folder of unlabelled images")
+    p.add_argument("--target", metavar="CLASS", help="count the images classified as CLASS (e.g. images carrying "
+                   "a trigger you found); images in CLASS's own folder are left out of the count")
+    p.add_argument("--runs-dir", help="results folder holding the run id (default: runs)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a finished run's model as TorchScript (or ONNX) for use without abl")
+    p.add_argument("run", help=run_help)
+    p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript", help="torchscript (default; "
+                   "takes uint8 or [0, 1] images of any size) or onnx (pip install 'abl[onnx]'; uint8 NCHW at the "
+                   "run's size)")
+    p.add_argument("--out", required=True, help="the file to write (e.g. model.pt or model.onnx)")
+    p.add_argument("--runs-dir", help="results folder holding the run id (default: runs)")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

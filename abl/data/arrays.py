@@ -185,7 +185,8 @@ class Arrays:
             raise DataError(f"arrays file '{path}' {problem}; set dataset.path to your .npz file")
         fingerprint = cache.files_fingerprint([path])
         splits = cache.load_cached("arrays", {"path": str(path)}, fingerprint, lambda: read_arrays(path), cache_dir)
-        splits.source = path
+        # fingerprint: what the run records of its data (like the other datasets set it)
+        splits.source, splits.fingerprint = path, fingerprint
         return shuffle_train(splits, self.order_seed)
 
     def peek(self) -> tuple[int, list[str] | None]:
