@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from abl.errors import AblError
@@ -33,21 +35,21 @@ def _resume_hint(runs_dir: Path):
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from abl.experiment import load_experiment, run_experiment
-    from abl.report import runs_table
+    from abl.report import terminal_table
 
     exp = load_experiment(args.config, args.set)
     if args.runs_dir:
         exp.output.runs_dir = args.runs_dir
     with _resume_hint(Path(exp.output.runs_dir)):
         record = run_experiment(exp)
-    print(runs_table([record]))
+    print(terminal_table([record]), end="")
     print(f"run {record.run_id} finished: {record.path}")
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from abl.experiment import resume_experiment
-    from abl.report import runs_table
+    from abl.report import terminal_table
     from abl.store import RunStore
 
     root = Path(args.runs_dir)
@@ -55,7 +57,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         raise AblError(f"runs folder '{root}' does not exist; pass the --runs-dir the run was started with")
     with _resume_hint(root):
         record = resume_experiment(args.run, RunStore(root))
-    print(runs_table([record]))
+    print(terminal_table([record]), end="")
     print(f"run {record.run_id} finished: {record.path}")
     return 0
 
@@ -64,7 +66,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from abl.demo import demo_table, run_demo
 
     records, report = run_demo(args.out, args.set)
-    print(demo_table(records))
+    print(demo_table(records), end="")
     print(f"report: {report} (open it in a Markdown viewer; the PNGs sit beside it)")
     print(f"the runs: abl report --runs-dir {Path(args.out) / 'runs'}")
     return 0
@@ -91,7 +93,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from abl.report import runs_table, write_report
+    from abl.report import terminal_table, write_report
     from abl.store import RunStore
 
     root = Path(args.runs_dir)
@@ -102,7 +104,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not records:
         print(f"no runs in '{root}'")
         return 0
-    print(runs_table(records))
+    print(terminal_table(records, wide=args.wide), end="")
     for rec in records:
         if rec.status == "interrupted":
             print(f"run {rec.run_id} was interrupted; continue it with: abl resume {rec.run_id} --runs-dir {root}")
@@ -255,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="results folder (default: runs)")
     p.add_argument("--status", choices=["finished", "failed", "running", "interrupted"], help="only runs with this status")
     p.add_argument("--out", help="write report.md and PNG plots into this folder")
+    p.add_argument("--wide", action="store_true", help="every column and whole failure reasons, however wide "
+                   "(default: the main columns within 100 characters)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("sweep", help="run a grid of experiments (axes x seeds) on Ray; rerun to finish an interrupted grid")
@@ -307,6 +311,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLine(logging.Formatter):
+    """``abl: warning: <message>`` (``abl: <message>`` for progress notes), on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = " ".join(record.getMessage().split())
+        return f"abl: warning: {message}" if record.levelno >= logging.WARNING else f"abl: {message}"
+
+
+@contextlib.contextmanager
+def _log_to_stderr():
+    """While a command runs: the library's log (logger ``abl``, INFO and up) and every
+    ``warnings.warn`` go to stderr as one line each, without a source path or code line.
+    The library keeps raising plain warnings (what tests and Python callers catch); only
+    the command line shows them this way, as ``logging.captureWarnings`` would."""
+    logger = logging.getLogger("abl")
+    handler = logging.StreamHandler(sys.stderr)  # the stderr of now (pytest swaps it per test)
+    handler.setFormatter(_OneLine())
+    saved = logger.level, logger.propagate, warnings.showwarning
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        logger.warning("%s", message)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        warnings.showwarning = saved[2]
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -321,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        code = args.func(args)
+        with _log_to_stderr():
+            code = args.func(args)
         sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
         return code
     except AblError as exc:

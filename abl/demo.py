@@ -7,10 +7,12 @@ to 16x16) ship with scikit-learn.
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from pathlib import Path
 
 from abl.experiment import load_experiment, run_experiment
-from abl.report import runs_table, write_report
+from abl.report import terminal_table, write_report
 from abl.store import RunRecord, RunStore
 
 DEMO_BASE: dict = {
@@ -46,10 +48,30 @@ def run_demo(out_dir: str | Path = "abl-demo", overrides: list[str] | None = Non
         base["name"] = name
         base["defense"] = copy.deepcopy(defense)
         exp = load_experiment(None, overrides, base=base)
-        records.append(run_experiment(exp, store))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            record = run_experiment(exp, store)
+        records.append(record)
+        _pass_on(caught, record)
     report = write_report(store, [r.run_id for r in records], out, title="abl demo: BadNets on digits")
     return records, report
 
 
+def _pass_on(caught: list[warnings.WarningMessage], record: RunRecord) -> None:
+    """Show the run's warnings, but the one the demo's size makes inevitable as a note: 1% of
+    1,347 digits is 13 isolated examples, a fifth of them held out is under the 10 that the
+    held-out check of unlearning needs to be firm, and a demo user can change neither."""
+    for w in caught:
+        if "held-out check of unlearning rests on" in str(w.message):
+            held = record.metrics.get("unlearning", {}).get("iso_heldout_count")
+            count = f"{held:.0f} of its" if isinstance(held, float) else "a few"
+            logging.getLogger(__name__).info(
+                "note: the demo's training set is small, so the check that unlearning cut the backdoor rests on "
+                "%s isolated examples; on a full dataset (1%% of 50,000 images isolated) it rests on 100", count)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def demo_table(records: list[RunRecord]) -> str:
-    return runs_table(records)
+    """The demo's runs as the terminal table (within 100 columns)."""
+    return terminal_table(records)

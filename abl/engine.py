@@ -9,6 +9,7 @@ examples are learned (the ABL paper's Figure 6).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from abl.metrics import evaluate
 
 #: objective(per_example_losses, indices) -> scalar loss to minimise
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 def mean_loss(losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -149,6 +152,11 @@ class Engine:
         #: with every checkpoint, so values must be tensors, numbers, strings, lists or dicts
         self.state: dict[str, Any] = {}
         self._phases: list[str] = []  # names of the phases started, in order
+        #: the whole run's plan, for progress across phases (see :meth:`plan`)
+        self._plan_epochs: int | None = None
+        self._plan_phases: int | None = None
+        self._trained_s = 0.0  # seconds spent in epochs this process trained
+        self._trained_epochs = 0
         self._phase_ends: list[int] = []  # len(history) at the end of each finished phase
         self._write_checkpoint: Callable[[dict], None] | None = None
         self._last_checkpoint = time.monotonic()
@@ -167,6 +175,48 @@ class Engine:
         if k == 0 or k >= n:
             return None
         return torch.randperm(n, generator=gen)[:k].to(self.device)
+
+    # -- progress --------------------------------------------------------------------
+    def plan(self, epochs: int | None, phases: int | None = None) -> None:
+        """Tell the progress display how many epochs (and phases) the whole run trains,
+        so that it shows "phase i of n" and an ETA for the run, not only for the phase."""
+        self._plan_epochs = epochs if epochs and epochs > 0 else None
+        self._plan_phases = phases if phases and phases > 0 else None
+
+    def plan_for(self, defense: Any) -> None:
+        """:meth:`plan` from a defense: its ``total_epochs()``, and its phases where its
+        parts say (an ABL-shaped defense: detector training, recovery, unlearning)."""
+        try:
+            epochs = int(defense.total_epochs())
+        except (NotImplementedError, AttributeError, TypeError, ValueError):
+            return
+        phases = None
+        if hasattr(defense, "detector_part") and hasattr(defense, "unlearner_part"):
+            det = defense.detector_part()
+            stages = [getattr(defense.backdoor, "epochs", 0) if det.uses_backdoored else 0, det.training_epochs(),
+                      int(getattr(defense, "recovery_epochs", 0) or 0), defense.unlearner_part().total_epochs()]
+            phases = sum(1 for e in stages if e)
+        self.plan(epochs, phases)
+
+    def _phase_label(self, ordinal: int, phase: str) -> str:
+        n = self._plan_phases
+        return f"phase {ordinal} of {max(n, ordinal)}: {phase}" if n else f"phase {ordinal}: {phase}"
+
+    def run_eta(self) -> float | None:
+        """Seconds left in the whole run at the mean epoch time so far (None: no plan or
+        no epoch timed yet)."""
+        if self._plan_epochs is None or not self._trained_epochs:
+            return None
+        left = max(0, self._plan_epochs - len(self.history))
+        return left * self._trained_s / self._trained_epochs
+
+    def _run_progress(self) -> str:
+        """``run 21/50 epochs, ETA 1:05`` for the progress bar (empty without a plan)."""
+        if self._plan_epochs is None:
+            return ""
+        eta = self.run_eta()
+        done = f"run {min(len(self.history), self._plan_epochs)}/{self._plan_epochs} epochs"
+        return done + (f", ETA {fmt_duration(eta)}" if eta is not None else "")
 
     # -- checkpoints -----------------------------------------------------------------
     def enable_checkpoints(self, write: Callable[[dict], None]) -> None:
@@ -457,7 +507,11 @@ class Engine:
             start = resumed
         n = len(self.data)
         per_example_smoothing = isinstance(smoothing, torch.Tensor)
-        bar = progress_bar(range(start, epochs), phase, self.cfg.progress)
+        label = self._phase_label(ordinal, phase)
+        if self.cfg.progress:
+            where = self._run_progress()
+            log.info("%s, %d epoch%s%s", label, epochs, "" if epochs == 1 else "s", f" ({where})" if where else "")
+        bar = progress_bar(range(start, epochs), label, self.cfg.progress)
         self._train_mode(freeze_bn)
         for e in bar:
             current_lr = step_lr(lr, e, milestones, lr_factor)
@@ -490,11 +544,16 @@ class Engine:
                     f"lower its learning rate (was {current_lr:g}) or its number of epochs"
                 )
             record = self._record(phase, e, current_lr, train_loss, time.perf_counter() - t0, seen, epochs)
+            self._trained_s += time.perf_counter() - t0
+            self._trained_epochs += 1
             stop = bool(after_epoch(e)) if after_epoch is not None else False
             if self.on_epoch is not None:  # after the hook, which may add to the record
                 self.on_epoch(record)
             self._train_mode(freeze_bn)  # evaluation and ranking passes switch to eval mode
-            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "clean_acc", "asr")})
+            postfix = {k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "clean_acc", "asr")}
+            if self._plan_epochs is not None:
+                postfix["run"] = self._run_progress().removeprefix("run ")
+            bar.set_postfix(postfix)
             done = stop or e == epochs - 1
             due = time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_every_s
             if self._write_checkpoint is not None and (done or due):
@@ -555,6 +614,16 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, list):
         return [_to_device(v, device) for v in value]
     return value
+
+
+def fmt_duration(seconds: float) -> str:
+    """``42 s``, ``3:05`` (minutes:seconds) or ``1:02:05`` (hours:minutes:seconds)."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
 def progress_bar(it: range, desc: str, enabled: bool | None):

@@ -377,6 +377,7 @@ def _execute(
             writer.save_tensors("trigger", {k: v.contiguous() for k, v in exp.attack.artefacts().items()})
         engine = Engine(model, data, splits.test, prep.triggered, exp.train, seed=exp.seed, on_epoch=log)
         engine.stage_dir = stage_dir_for(exp.output.cache_dir)
+        engine.plan_for(exp.defense)  # progress across the run's phases, with a run ETA
         engine.model_factory = lambda: exp.model.build(splits.num_classes, splits.image_size)
         if exp.train.checkpoint:
             engine.enable_checkpoints(save_checkpoint)

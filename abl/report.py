@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from abl.errors import StoreError
+from abl.errors import AblError, StoreError
 from abl.store import FINISHED, RunRecord, RunStore
 
 MISSING = "–"
@@ -59,12 +59,13 @@ METRIC_LABELS = {
     "unlearn_epochs_run": "Unlearning epochs run",
     "unlearn_epoch_kept": "Unlearning epoch kept",
     "unlearn_weak": "Weak unlearning",
-    "poison_s": "Poisoning time (s)",
-    "stage_s": "Stage time (s)",
-    "rank_s": "Ranking time (s)",
+    "poison_s": "Poisoning time",
+    "stage_s": "Stage time",
+    "rank_s": "Ranking time",
+    "iso_count": "Isolated examples",
     "iso_auprc": "Isolation AUPRC",
     "stage_hit": "Stage from cache",
-    "stage_load_s": "Stage load time (s)",
+    "stage_load_s": "Stage load time",
 }
 DEFAULT_COLUMNS = ["run", "dataset", "model", "attack", "defense", "status",
                    "clean_acc", "asr", "robust_acc", "iso_precision", "iso_recall", "wall_s"]
@@ -75,6 +76,15 @@ _UNKNOWN_RGB = (128, 128, 128)
 
 
 # ----------------------------------------------------------------------------- formatting
+#
+# One number format in every table and line the report prints: rates as percents with two
+# decimals (``93.12%``), seconds with one (``812.4 s``), counts as integers, flags as yes/no,
+# any other number with two decimals.
+
+#: metrics that count something (shown as integers)
+COUNT_METRICS = ("iso_count", "iso_heldout_count", "unlearn_epochs_run", "unlearn_epoch_kept")
+#: metrics that are 0/1 flags (shown as yes / no)
+FLAG_METRICS = ("iso_weak", "unlearn_weak", "stage_hit")
 
 
 def fmt_rate(value: float | None) -> str:
@@ -94,13 +104,31 @@ def fmt_seconds(value: float | None) -> str:
 
 
 def fmt_number(value: float | None) -> str:
+    """A count as an integer (``12``), any other number with 2 decimals (``8.31``)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return MISSING
-    return f"{value:.4g}"
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.2f}"
 
 
 def fmt_metric(name: str, value: float | None) -> str:
-    return fmt_rate(value) if name in RATE_METRICS else fmt_number(value)
+    """A metric in the report's one format, chosen by its name."""
+    if name in RATE_METRICS:
+        return fmt_rate(value)
+    if name.endswith("_s"):
+        return fmt_seconds(value)
+    if name in FLAG_METRICS and value is not None and not _is_nan(value):
+        return "yes" if value else "no"
+    if name in COUNT_METRICS and value is not None and not _is_nan(value):
+        return str(int(round(value)))
+    return fmt_number(value)
+
+
+def plural(count: float, noun: str, nouns: str | None = None) -> str:
+    """``1 suspect``, ``3 suspects`` (``nouns``: an irregular plural)."""
+    n = int(round(count))
+    return f"{n} {noun if n == 1 else (nouns or noun + 's')}"
 
 
 def _md(text: Any) -> str:
@@ -118,14 +146,15 @@ def _finished_only(fn: Callable[[RunRecord], str]) -> Callable[[RunRecord], str]
     return lambda r: fn(r) if r.status == FINISHED else MISSING
 
 
-def _column(key: str) -> _Column:
+def _column(key: str, markdown: bool = True) -> _Column:
+    text = _md if markdown else str
     fixed = {
-        "run": _Column("run", lambda r: f"`{r.run_id}`"),
-        "name": _Column("name", lambda r: _md(r.name)),
-        "dataset": _Column("dataset", lambda r: _md(r.dataset or MISSING)),
-        "model": _Column("model", lambda r: _md(r.model or MISSING)),
-        "attack": _Column("attack", lambda r: _md(r.attack or MISSING)),
-        "defense": _Column("defense", lambda r: _md(r.defense or MISSING)),
+        "run": _Column("run", lambda r: f"`{r.run_id}`" if markdown else r.run_id),
+        "name": _Column("name", lambda r: text(r.name)),
+        "dataset": _Column("dataset", lambda r: text(r.dataset or MISSING)),
+        "model": _Column("model", lambda r: text(r.model or MISSING)),
+        "attack": _Column("attack", lambda r: text(r.attack or MISSING)),
+        "defense": _Column("defense", lambda r: text(r.defense or MISSING)),
         "status": _Column("status", lambda r: r.status),
         "seed": _Column("seed", lambda r: MISSING if r.seed is None else str(r.seed)),
         "wall_s": _Column("wall time", _finished_only(lambda r: fmt_seconds(r.wall_s))),
@@ -133,8 +162,8 @@ def _column(key: str) -> _Column:
     if key in fixed:
         return fixed[key]
     # Any other key is a final metric.
-    return _Column(METRIC_LABELS.get(key, key),
-                   _finished_only(lambda r: fmt_metric(key, r.final_metrics.get(key))))
+    labels = METRIC_LABELS if markdown else {**METRIC_LABELS, **SHORT_LABELS}
+    return _Column(labels.get(key, key), _finished_only(lambda r: fmt_metric(key, r.final_metrics.get(key))))
 
 
 def runs_table(records: list[RunRecord], columns: list[str] | None = None) -> str:
@@ -142,8 +171,8 @@ def runs_table(records: list[RunRecord], columns: list[str] | None = None) -> st
 
     ``columns`` are keys: ``run``, ``name``, ``dataset``, ``model``, ``attack``,
     ``defense``, ``status``, ``seed``, ``wall_s``, or any final-metric name (rates in
-    :data:`RATE_METRICS` are shown as percents with 2 decimals, others with 4 significant
-    digits). Missing values, and every number of a run that did not finish, show ``–``.
+    ``RATE_METRICS`` are shown as percents with 2 decimals; see ``fmt_metric``). Missing
+    values, and every number of a run that did not finish, show ``–``.
     """
     cols = [_column(k) for k in (columns or DEFAULT_COLUMNS)]
     lines = ["| " + " | ".join(c.header for c in cols) + " |",
@@ -153,22 +182,95 @@ def runs_table(records: list[RunRecord], columns: list[str] | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
+#: the terminal table's columns: the ones that matter within ``WIDTH`` characters
+TERMINAL_COLUMNS = ["run", "attack", "defense", "clean_acc", "asr", "iso_precision", "iso_recall", "status"]
+#: ``--wide``: every column
+WIDE_COLUMNS = ["run", "dataset", "model", "attack", "defense", "seed", "clean_acc", "asr", "robust_acc",
+                "iso_precision", "iso_recall", "wall_s", "status"]
+SHORT_LABELS = {"iso_precision": "iso prec", "iso_recall": "iso rec"}
+#: columns whose text may be cut (with …) to fit the width; the run id last (a prefix of it
+#: still names the run for ``abl report`` and ``abl resume``)
+_SHRINKABLE = ("attack", "defense", "dataset", "model", "run")
+WIDTH = 100
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+
+
+def terminal_table(records: list[RunRecord], wide: bool = False, width: int = WIDTH) -> str:
+    """Runs as an aligned plain-text table for the terminal, one row each.
+
+    By default the columns that matter (``TERMINAL_COLUMNS``) within ``width`` characters:
+    long names are cut with …, and a run that failed gets its reason on the line below,
+    cut to the width. ``wide``: every column (``WIDE_COLUMNS``) and whole reasons, whatever
+    the width.
+    """
+    keys = WIDE_COLUMNS if wide else TERMINAL_COLUMNS
+    cols = [_column(k, markdown=False) for k in keys]
+    rows = [[c.cell(r) for c in cols] for r in records]
+    widths = [max([len(c.header)] + [len(row[i]) for row in rows]) for i, c in enumerate(cols)]
+    gap = 2
+    if not wide:
+        for key in _SHRINKABLE:  # narrow the text columns, in this order, until the table fits
+            i = keys.index(key) if key in keys else -1
+            excess = sum(widths) + gap * (len(widths) - 1) - width
+            if i >= 0 and excess > 0:
+                widths[i] = max(len(cols[i].header), 8, widths[i] - excess)
+    lines = []
+
+    def line(cells: list[str]) -> str:
+        return (" " * gap).join(_cut(c, w).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    lines.append(line([c.header for c in cols]))
+    for rec, row in zip(records, rows):
+        lines.append(line(row))
+        if rec.status != FINISHED and rec.message:
+            why = f"  {rec.status}: {' '.join(str(rec.message).split())}"
+            lines.append(why if wide else _cut(why, width))
+    return "\n".join(lines) + "\n"
+
+
 def _is_nan(v: Any) -> bool:
     return isinstance(v, float) and math.isnan(v)
 
 
+#: the per-phase tables of a run's section: (title, does this metric belong here)
+_PHASE_GROUPS: list[tuple[str, Callable[[str], bool]]] = [
+    ("Model", lambda n: n in ("clean_acc", "clean_acc_nontarget", "asr", "robust_acc")),
+    ("Unlearning checks", lambda n: n.startswith(("iso_fit", "iso_heldout", "unlearn_"))),
+    ("Isolation", lambda n: n.startswith("iso_")),
+    ("Time and cache", lambda n: n.endswith("_s") or n.startswith("stage_")),
+    ("Other", lambda n: True),
+]
+
+
 def _phase_metrics_table(rec: RunRecord) -> str:
+    """The run's metrics per phase, as a few narrow tables (model, isolation, unlearning
+    checks, time), each a metric per row and a column per phase that recorded any of them."""
     names: list[str] = []
     for values in rec.metrics.values():
         names += [n for n in values if n not in names]
     # a metric that is NaN wherever it appears (e.g. isolation precision without ground
-    # truth) says nothing: leave its column out
+    # truth) says nothing: leave its row out
     names = [n for n in names if not all(_is_nan(v.get(n)) for v in rec.metrics.values() if n in v)]
-    lines = ["| phase | " + " | ".join(METRIC_LABELS.get(n, n) for n in names) + " |",
-             "|" + "|".join("---" for _ in range(len(names) + 1)) + "|"]
-    for phase, values in rec.metrics.items():
-        lines.append(f"| {_md(phase)} | " + " | ".join(fmt_metric(n, values.get(n)) for n in names) + " |")
-    return "\n".join(lines) + "\n"
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        title = next(t for t, belongs in _PHASE_GROUPS if belongs(n))
+        groups.setdefault(title, []).append(n)
+    out = []
+    for title, _ in _PHASE_GROUPS:
+        rows = groups.get(title)
+        if not rows:
+            continue
+        phases = [p for p, values in rec.metrics.items() if any(n in values for n in rows)]
+        lines = [f"| {title} | " + " | ".join(_md(p) for p in phases) + " |",
+                 "|---|" + "|".join("---:" for _ in phases) + "|"]
+        for n in rows:
+            lines.append(f"| {METRIC_LABELS.get(n, n)} | "
+                         + " | ".join(fmt_metric(n, rec.metrics[p].get(n)) for p in phases) + " |")
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- history
@@ -510,28 +612,28 @@ def _evidence_note(rec: RunRecord) -> list[str]:
         fit = unl["iso_heldout_fit_after"] if held else unl.get("iso_fit_after", float("nan"))
         which = "held-out suspects (isolated, kept out of unlearning)" if held else "isolated examples"
         lines += [
-            f"> **Unlearning did not cut the link**: the final model still fits {fit:.0%} "
+            f"> **Unlearning did not cut the link**: the final model still fits {fmt_rate(fit)} "
             f"of the {which} with their training labels. If they carry a backdoor, it is still there.",
             "",
         ]
     if 0 < unl.get("iso_heldout_count", 10) < 10:
         lines += [
-            f"> The held-out check of unlearning rests on {unl['iso_heldout_count']:.0f} suspects only: "
-            "it can read 0% fitted while the backdoor still works. Isolate more for a firmer check.",
+            f"> The held-out check of unlearning rests on {plural(unl['iso_heldout_count'], 'suspect')} only: "
+            "it can read 0.00% fitted while the backdoor still works. Isolate more for a firmer check.",
             "",
         ]
     if "unlearn_epoch_kept" in unl and unl["unlearn_epoch_kept"] < unl.get("unlearn_epochs_run", 0):
         lines += [
-            f"> Unlearning ran {unl['unlearn_epochs_run']:.0f} epochs and kept the model of epoch "
+            f"> Unlearning ran {plural(unl['unlearn_epochs_run'], 'epoch')} and kept the model of epoch "
             f"{unl['unlearn_epoch_kept']:.0f}, the one that fitted the held-out suspects least "
-            f"({unl.get('iso_heldout_fit_after', float('nan')):.0%}).",
+            f"({fmt_rate(unl.get('iso_heldout_fit_after'))}).",
             "",
         ]
     if not iso.get("iso_weak"):
         return lines
     return lines + [
-        f"> **Weak isolation evidence**: the isolated examples stand only {iso.get('iso_separation', float('nan')):.1f} "
-        f"spreads apart from the rest, and {iso.get('iso_top_label_share', float('nan')):.0%} of them share one label "
+        f"> **Weak isolation evidence**: the isolated examples stand only {fmt_number(iso.get('iso_separation'))} "
+        f"spreads apart from the rest, and {fmt_rate(iso.get('iso_top_label_share'))} of them share one label "
         "(one of these is below the defense's `min_separation` or `min_label_share`). They may be clean examples that the "
         "model fits easily, and unlearning them costs clean accuracy rather than removing a backdoor. "
         "Look at the loss curves and the isolated pictures below before trusting this model.",
@@ -582,7 +684,9 @@ def _run_section(rec: RunRecord, out_dir: Path) -> list[str]:
     if write_isolated_csv(rec, csv_path):
         n_iso = len(rec.array("isolated_indices")) if rec.has_array("isolated_indices") else None
         n_img = len(rec.array("isolated_images")) if rec.has_array("isolated_images") else 0
-        count = (f"{n_iso} examples were isolated; the picture shows the first {min(n_img, MAX_TILES)}. "
+        shown = min(n_img, MAX_TILES)
+        count = (f"{plural(n_iso, 'example')} {'was' if n_iso == 1 else 'were'} isolated; the picture shows "
+                 f"{('all of them' if n_iso > 1 else 'it') if shown >= n_iso else f'the first {shown}'}. "
                  if n_iso is not None else "")
         truth = "" if _has_ground_truth(rec) else "No attack was applied, so nothing here is known to be poisoned or clean. "
         lines += [f"{count}{truth}All isolated examples as a table (index, loss, file): "
@@ -753,11 +857,17 @@ def write_report(store: RunStore, run_ids: list[str], out_dir: Path, title: str 
         if rec.run_id not in {r.run_id for r in records}:
             records.append(rec)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AblError(f"report folder '{out_dir}' is a file, not a folder: pass --out a folder (made if missing)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AblError(f"report folder '{out_dir}' cannot be made ({exc.strerror or exc}): pass --out a folder "
+                       "you can write") from None
 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     lines = [f"# {title}", "",
-             f"Built from the results store `{store.root}` on {now}: {len(records)} run(s). "
+             f"Built from the results store `{store.root}` on {now}: {plural(len(records), 'run')}. "
              "Rates are percents; runs that did not finish show no numbers.", "",
              runs_table(records)]
     lines += comparison_sections(records, out_dir)

@@ -554,13 +554,14 @@ def group_stats(cells: list[Cell], records: Mapping[str, RunRecord],
     return rows
 
 
-def fmt_stat(stat: Mapping[str, float] | None, with_n: bool = False) -> str:
-    """``mean ± sd`` over seeds (one seed: the value; none: a dash)."""
+def fmt_stat(stat: Mapping[str, float] | None, with_n: bool = False, unit: str = "") -> str:
+    """``mean ± sd`` over seeds (one seed: the value; none: a dash); ``unit`` follows the
+    mean (``%``: the sweep table's rates, in points)."""
     if stat is None:
         return "–"
     if stat["n"] <= 1:
-        return f"{stat['mean']:.2f}"
-    return f"{stat['mean']:.2f} ± {stat['sd']:.2f}" + (f" (n={int(stat['n'])})" if with_n else "")
+        return f"{stat['mean']:.2f}{unit}"
+    return f"{stat['mean']:.2f}{unit} ± {stat['sd']:.2f}" + (f" (n={int(stat['n'])})" if with_n else "")
 
 
 def disagreement(row: Mapping[str, Any], threshold: float) -> list[str]:
@@ -586,8 +587,8 @@ def sweep_table(result_cells: list[Cell], records: Mapping[str, RunRecord], axes
     for r in rows:
         cells = [r["axes"].get(a, "") for a in axes] + [f"{r['seeds']}/{r['cells']}"]
         for m in metrics:
-            cells.append(fmt_stat(r.get(m)))
+            cells.append(fmt_stat(r.get(m), unit="%"))  # every summary metric is a rate
         flagged = disagreement(r, disagree)
-        cells.append(", ".join(f"**{METRIC_LABELS.get(m, m)} {r[m]['min']:.1f}–{r[m]['max']:.1f}**" for m in flagged))
+        cells.append(", ".join(f"**{METRIC_LABELS.get(m, m)} {r[m]['min']:.2f}%–{r[m]['max']:.2f}%**" for m in flagged))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

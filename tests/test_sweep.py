@@ -122,8 +122,8 @@ def test_the_table_shows_mean_and_sd_over_seeds_and_flags_seeds_that_disagree(tm
     assert rows[1]["asr"]["sd"] == pytest.approx(statistics.stdev([2.0, 90.0, 5.0]))
     assert disagreement(rows[0], 10.0) == [] and disagreement(rows[1], 10.0) == ["asr"]
     table = sweep_table(cells, records, ["attack.rate"])
-    assert "| 0.05 | 3/3 | 90.00 ± 0.00 | 98.00 ± 1.00 |  |" in table
-    assert "**ASR 2.0–90.0**" in table
+    assert "| 0.05 | 3/3 | 90.00% ± 0.00 | 98.00% ± 1.00 |  |" in table
+    assert "**ASR 2.00%–90.00%**" in table
 
 
 def test_the_table_names_each_cells_variant(tmp_path):
@@ -134,7 +134,7 @@ def test_the_table_names_each_cells_variant(tmp_path):
                for c in cells}
     table = sweep_table(cells, records)
     assert table.splitlines()[0].startswith("| variant | attack.rate | seeds |")
-    assert "| Blend | 0.1 | 1/1 | 50.00 |" in table and "| BadNets | 0.05 | 1/1 | 90.00 |" in table
+    assert "| Blend | 0.1 | 1/1 | 50.00% |" in table and "| BadNets | 0.05 | 1/1 | 90.00% |" in table
 
 
 def test_a_worker_archive_that_escapes_the_run_folder_is_refused(tmp_path):

@@ -190,6 +190,38 @@ def _remove_stale(path: Path) -> None:
             pass
 
 
+#: a first decode slower than this gets a line saying what is happening (CIFAR-10: ~15 s)
+DECODE_NOTE_AFTER_S = 2.0
+
+
+def _decode_noting_delay(name: str, path: Path, build: Callable[[], DatasetSplits]) -> DatasetSplits:
+    """``build()``; if it runs past :data:`DECODE_NOTE_AFTER_S`, log that the dataset is being
+    decoded for the first time (and where it will be cached), then how long it took. A quick
+    build (or one that fails on bad input) says nothing, so its error stays the only line."""
+    import logging
+    import threading
+
+    log = logging.getLogger(__name__)
+    t0 = time.perf_counter()
+    said = threading.Event()
+
+    def say() -> None:
+        said.set()
+        log.info("decoding %s for the first time; later runs read it from the cache in %s", name, path.parent)
+
+    note = threading.Timer(DECODE_NOTE_AFTER_S, say)
+    note.daemon = True
+    note.start()
+    try:
+        splits = build()
+    finally:
+        note.cancel()
+        note.join()  # a note being written finishes before anything else is printed
+    if said.is_set():
+        log.info("decoded %s in %.1f s", name, time.perf_counter() - t0)
+    return splits
+
+
 def load_cached(
     name: str,
     identity: Mapping[str, Any],
@@ -208,7 +240,7 @@ def load_cached(
             return read_splits(path, name)
         except Exception as exc:  # corrupt, truncated or foreign file: rebuild it
             warnings.warn(f"ignoring unreadable dataset cache '{path}' ({exc}); rebuilding it", stacklevel=3)
-    splits = build()
+    splits = _decode_noting_delay(name, path, build)
     try:
         write_splits(path, splits)
         _remove_stale(path)

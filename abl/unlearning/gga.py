@@ -132,7 +132,7 @@ class GGA(Unlearner):
             )
         elif 0 < len(held) < MIN_FIRM_HOLDOUT:
             warnings.warn(
-                f"ABL: the held-out check of unlearning rests on {len(held)} suspects only; with so few "
+                f"ABL: the held-out check of unlearning rests on {len(held)} suspect{'' if len(held) == 1 else 's'} only; with so few "
                 "it can read 0% fitted while the backdoor still works (measured: 4 suspects, sticker ASR "
                 "49%). Raise isolation_rate or unlearning_holdout for a firmer check.",
                 stacklevel=3,
