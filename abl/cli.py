@@ -28,9 +28,17 @@ def _resume_hint(runs_dir: Path):
         except AblError:
             mine = []
         for rec in mine:
-            print(f"abl: run {rec.run_id} stopped; continue it with: abl resume {rec.run_id} --runs-dir {runs_dir}",
-                  file=sys.stderr)
+            print(f"abl: run {rec.run_id} stopped; {_how_to_continue(rec, runs_dir)}", file=sys.stderr)
         raise
+
+
+def _how_to_continue(rec, runs_dir: Path) -> str:
+    """``abl resume`` for a run that keeps checkpoints; else that it must start again."""
+    from abl.experiment import keeps_checkpoints
+
+    if keeps_checkpoints(rec):
+        return f"continue it with: abl resume {rec.run_id} --runs-dir {runs_dir}"
+    return "it kept no checkpoint (train.checkpoint: false), so it cannot resume: start a new run with `abl run`"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -107,7 +115,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(terminal_table(records, wide=args.wide), end="")
     for rec in records:
         if rec.status == "interrupted":
-            print(f"run {rec.run_id} was interrupted; continue it with: abl resume {rec.run_id} --runs-dir {root}")
+            print(f"run {rec.run_id} was interrupted; {_how_to_continue(rec, root)}")
     if args.out:
         path = write_report(store, [r.run_id for r in records], Path(args.out))
         print(f"report: {path}")

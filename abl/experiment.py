@@ -7,6 +7,7 @@ never holds component logic of its own.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from abl.data.datasets import DATASETS  # noqa: F401  (registration)
 from abl.data.types import DatasetSplits, PoisonedSet
 from abl.defenses import DEFENSES, Defense
 from abl.engine import Engine, TrainConfig
-from abl.errors import ConfigError, DataError
+from abl.errors import ConfigError, DataError, StoreError
 from abl.models import MODELS
 from abl.stages import stage_dir_for
 from abl.store import RunRecord, RunStore
@@ -67,7 +68,7 @@ class SliceConfig:
             test = test.subset(torch.randperm(len(test), generator=gen)[: self.test])
         return DatasetSplits(
             splits.name, splits.train, test, splits.num_classes, splits.class_names, splits.source,
-            splits.train_files, splits.train_order,
+            splits.train_files, splits.train_order, fingerprint=splits.fingerprint,
         )
 
 
@@ -188,6 +189,21 @@ def check_runs_dir(runs_dir: str | Path) -> None:
         raise ConfigError(f"runs folder '{root}' cannot be made: '{existing}' is a file, not a folder; {how}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"runs folder '{root}' cannot be written: no write permission in '{existing}'; {how}")
+    if existing != root:
+        # permission bits do not tell (root passes them): some file systems refuse any new
+        # folder (/proc, sysfs). Make the first missing one and take it away again.
+        probe = root
+        while probe.parent != existing:
+            probe = probe.parent
+        try:
+            probe.mkdir()
+        except FileExistsError:
+            pass  # another process made it meanwhile
+        except OSError as exc:
+            raise ConfigError(f"runs folder '{root}' cannot be made: '{existing}' takes no new folders "
+                              f"({exc.strerror or exc}); {how}") from None
+        else:
+            probe.rmdir()
     index = root / "index.sqlite"
     if index.exists() and not index.is_file():
         raise ConfigError(f"runs folder '{root}': its index '{index}' is not a file; move it away (abl rebuilds "
@@ -243,6 +259,73 @@ def check_classes(splits: DatasetSplits) -> None:
         )
 
 
+DATA_FINGERPRINT_FORMAT = 1
+"""Bump when what :func:`data_fingerprint` hashes changes: a run recorded with another
+format resumes with its data unchecked (a warning says so) rather than refused."""
+
+
+def data_fingerprint(splits: DatasetSplits) -> dict[str, Any]:
+    """What the run trains on, recorded in its ``meta.json`` and checked by ``abl resume``.
+
+    The dataset cache's content hash of the source files (every file's path, size and bytes,
+    so a file edited, added, removed or moved to another class folder changes it) where the
+    dataset has one; else (data built in memory, e.g. the bundled digits) a hash of the
+    decoded training and test tensors.
+    """
+    from abl.data.cache import CACHE_FORMAT
+
+    if splits.fingerprint is not None:
+        kind, parts = "files", to_plain(splits.fingerprint)
+    else:
+        kind, parts = "decoded", []
+        for split in (splits.train, splits.test):
+            h = hashlib.sha256()
+            for t in (split.images, split.labels):
+                h.update(str((t.dtype, tuple(t.shape))).encode())
+                h.update(t.contiguous().cpu().numpy().tobytes())
+            parts.append(f"{len(split)}:{h.hexdigest()[:32]}")
+    return {"format": DATA_FINGERPRINT_FORMAT, "cache_format": CACHE_FORMAT, "dataset": splits.name,
+            "source": str(splits.source) if splits.source is not None else None, "kind": kind, "parts": parts}
+
+
+def _part_name(i: int, part: Any, kind: str) -> str:
+    if isinstance(part, list) and len(part) == 3 and isinstance(part[0], str):
+        return f"file '{part[0]}'"  # [name, size, digest]
+    if isinstance(part, list) and part and all(isinstance(p, list) and p and isinstance(p[0], str) for p in part):
+        return "file " + ", ".join(f"'{p[0]}'" for p in part)
+    noun = "files" if kind == "files" else "images or labels"
+    return (f"training {noun}", f"test {noun}")[i] if i < 2 else f"part {i + 1} of the files"
+
+
+def check_data_fingerprint(run_id: str, recorded: Any, splits: DatasetSplits) -> None:
+    """Raise DataError if the data decoded now is not what run ``run_id`` started on.
+
+    Runs stored before fingerprints were recorded (or with another fingerprint format)
+    resume unchecked, with a warning saying so.
+    """
+    import warnings
+
+    now = data_fingerprint(splits)
+    if not isinstance(recorded, dict) or recorded.get("format") != now["format"] \
+            or recorded.get("cache_format") != now["cache_format"] or recorded.get("kind") != now["kind"]:
+        why = "was stored without a data fingerprint" if not isinstance(recorded, dict) else \
+            "recorded its data fingerprint in another format"
+        warnings.warn(f"run {run_id} {why}: that it resumes on the same data could not be checked", stacklevel=3)
+        return
+    old, new = recorded.get("parts") or [], now["parts"]
+    changed = [_part_name(i, p, now["kind"]) for i, p in enumerate(new) if i >= len(old) or old[i] != p]
+    if len(old) != len(new) and not changed:
+        changed = ["the list of files"]
+    if not changed:
+        return
+    where = f" in '{now['source']}'" if now["source"] else ""
+    raise DataError(
+        f"run {run_id} cannot resume: its {now['dataset']} data{where} changed since it started "
+        f"({'; '.join(changed)}: edited, added, removed or moved between class folders), and the run would "
+        "finish trained on two datasets; put the data back as it was, or start a new run with `abl run`"
+    )
+
+
 @dataclass
 class _Prepared:
     """What a run trains on: built once per process, identical for a resumed run."""
@@ -255,13 +338,18 @@ class _Prepared:
     device: torch.device
 
 
-def _prepare(exp: Experiment, store: RunStore, threads: int | None = None) -> _Prepared:
-    """Preflight, load, poison once and build the model (seeded)."""
+def _prepare(
+    exp: Experiment, store: RunStore, threads: int | None = None, resuming: RunRecord | None = None
+) -> _Prepared:
+    """Preflight, load, poison once and build the model (seeded). ``resuming``: the run being
+    resumed, whose data fingerprint the loaded data must match (checked before any training)."""
     if threads or exp.train.threads:
         torch.set_num_threads(int(threads or exp.train.threads))
     device = exp.train.resolve_device()
     checked_size = preflight(exp, store.root)  # fail in seconds, not after loading the data
     splits = exp.slice.apply(exp.dataset.load(Path(exp.output.cache_dir) if exp.output.cache_dir else None))
+    if resuming is not None:
+        check_data_fingerprint(resuming.run_id, resuming.meta.get("data_fingerprint"), splits)
     check_classes(splits)
     n_classes, size = splits.num_classes, splits.image_size
     if size != checked_size:
@@ -309,8 +397,14 @@ def run_experiment(
     resolved["threads_used"] = torch.get_num_threads()
     if sweep is not None:
         resolved["sweep"] = dict(sweep)
-    writer = store.create_run(resolved, name=exp.name, seed=exp.seed)
+    writer = store.create_run(resolved, name=exp.name, seed=exp.seed, data_fingerprint=data_fingerprint(prep.splits))
     return _execute(exp, store, writer, prep, on_epoch, t_start=t_start)
+
+
+def keeps_checkpoints(rec: RunRecord) -> bool:
+    """Whether run ``rec`` writes checkpoints, i.e. can be resumed (``train.checkpoint``)."""
+    train = rec.config.get("train")
+    return not (isinstance(train, dict) and train.get("checkpoint") is False)
 
 
 #: keys that ``run_experiment`` adds to the resolved config it records (not config keys)
@@ -326,17 +420,26 @@ def resume_experiment(
     again (seeded, so identically), and the defense continues after the last complete
     epoch: on a CPU with the same thread count it ends with the metrics an uninterrupted
     run would have. A run interrupted before its first checkpoint starts over in its folder.
+
+    Refused (before any data loads) for a run started with ``train.checkpoint: false``,
+    which has nothing to continue from, and (before any training) when the data's
+    fingerprint differs from the one recorded at the start.
     """
     from abl import checkpoint
 
     rec = store.get(run_id)
     store.check_resumable(rec)
+    if not keeps_checkpoints(rec):
+        raise StoreError(
+            f"run {rec.run_id} kept no checkpoint (it was started with train.checkpoint: false), so it cannot "
+            "continue where it stopped: start a new run with `abl run` (leave train.checkpoint on to be able to resume)"
+        )
     raw = {k: v for k, v in rec.config.items() if k not in _RECORDED_EXTRA}
     exp = build_experiment(raw)
     t_start = time.perf_counter()
     recorded_threads = rec.config.get("threads_used")
     # the thread count changes float summation order: keep the one the run started with
-    prep = _prepare(exp, store, threads=recorded_threads if isinstance(recorded_threads, int) else None)
+    prep = _prepare(exp, store, threads=recorded_threads if isinstance(recorded_threads, int) else None, resuming=rec)
     ck_path = rec.path / checkpoint.FILE_NAME
     ck = checkpoint.load(ck_path) if ck_path.exists() else None
     writer = store.reopen_run(rec.run_id, history=ck["history"] if ck is not None else [])

@@ -45,6 +45,7 @@ import os
 import re
 import secrets
 import socket
+import sqlite3
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,7 +74,7 @@ from abl.run_folder import (
     _record_from_folder,
     validate_metrics,
 )
-from abl.run_index import INDEX_NAME, IndexBroken, RunIndex
+from abl.run_index import INDEX_NAME, IndexBroken, RunIndex, newest_first
 from abl.run_writer import RunWriter
 
 # the names other modules imported from here before the split
@@ -109,6 +110,10 @@ def _device(config: Mapping[str, Any]) -> str | None:
     return None
 
 
+class _IndexUnwritable(StoreError):
+    """The index must be rebuilt but its folder cannot be written (e.g. mounted read-only)."""
+
+
 class RunStore:
     """A results root: run folders plus ``index.sqlite``. Safe for several writer processes."""
 
@@ -122,8 +127,13 @@ class RunStore:
 
     # -- writing
 
-    def create_run(self, config: Mapping[str, Any], *, name: str, seed: int) -> "RunWriter":
-        """Start a run: make its folder, save the config and meta, index it as running."""
+    def create_run(
+        self, config: Mapping[str, Any], *, name: str, seed: int, data_fingerprint: Mapping[str, Any] | None = None
+    ) -> "RunWriter":
+        """Start a run: make its folder, save the config and meta, index it as running.
+
+        ``data_fingerprint`` (plain JSON data) is kept in ``meta.json`` for ``abl resume``
+        to check the data against (see :func:`abl.experiment.data_fingerprint`)."""
         from abl.config import to_plain
 
         if not isinstance(name, str) or not name.strip():
@@ -140,7 +150,11 @@ class RunStore:
 
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"results root '{self.root}' is a file, not a folder: pick another path")
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"results root '{self.root}' cannot be made ({exc.strerror or exc}): "
+                             "pass --runs-dir DIR (or set output.runs_dir) to a folder you can write") from None
         self._check_index_path()  # before a run folder exists that no index could list
         started = _now()
         for _ in range(100):
@@ -161,6 +175,8 @@ class RunStore:
             "device": _device(config),
             "components": {c: _component(config, c) for c in _COMPONENTS},
         }
+        if data_fingerprint is not None:
+            meta["data_fingerprint"] = to_plain(dict(data_fingerprint))
         atomic_write_text(folder / "config.yaml", config_text)
         (folder / "history.jsonl").touch()
         (folder / HEARTBEAT).touch()
@@ -223,20 +239,26 @@ class RunStore:
     def list_runs(self, status: str | None = None) -> list[RunRecord]:
         """All runs (or those with ``status``), newest first, read from the index.
 
-        A missing, corrupt or stale index (folders it does not know) is rebuilt first.
+        A missing, corrupt or stale index (folders it does not know) is rebuilt first; where
+        the root cannot be written (a read-only copy), the folders are read and nothing written.
         """
         if status is not None and status not in STATUSES:
             raise StoreError(f"unknown run status '{status}': use one of {', '.join(STATUSES)}")
         self._check_root()
         folders = self._folder_ids()
         try:
-            records = self._index_read()
+            records: list[RunRecord] | None = self._index_read()
         except IndexBroken:
-            self.reindex()
-            records = self._index_read()
-        if {r.run_id for r in records} != folders:
-            self.reindex()
-            records = self._index_read()
+            records = None
+        read_only = False
+        if records is None or {r.run_id for r in records} != folders:
+            try:
+                self.reindex()
+                records = self._index_read()
+            except _IndexUnwritable:
+                # e.g. a read-only copy of a store: the folders alone answer, nothing is written
+                read_only = True
+                records = newest_first(self._folder_records())
         # The folders are the truth, the index a cache: a row may be stale (a writer died
         # between its folder and index writes, an update lost a race, someone edited the
         # index, a process was killed). Each folder's meta.json decides the status.
@@ -252,7 +274,11 @@ class RunStore:
                     continue
                 if fresh.status != rec.status or fresh.metrics != rec.metrics:
                     records[i] = fresh
-                    self._index_put(fresh)
+                    if not read_only:
+                        try:
+                            self._index_put(fresh)
+                        except _IndexUnwritable:
+                            read_only = True
         if status is not None:
             records = [r for r in records if r.status == status]
         return records
@@ -281,13 +307,15 @@ class RunStore:
         Folders whose ``meta.json`` is unreadable are skipped with a warning.
         """
         self._check_root()
-        records = []
-        for run_id in sorted(self._folder_ids()):
-            try:
-                records.append(_record_from_folder(self.root / run_id))
-            except StoreError as exc:
-                warnings.warn(f"reindex skips {run_id}: {exc}", stacklevel=2)
-        self._index.rebuild(records)
+        records = self._folder_records()
+        try:
+            self._index.rebuild(records)
+        except (OSError, sqlite3.Error) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise _IndexUnwritable(
+                f"cannot write the results index '{self.index_path}' ({reason}): make '{self.root}' writable, "
+                "or read the runs from a writable copy"
+            ) from None
         return len(records)
 
     # -- internals
@@ -303,6 +331,16 @@ class RunStore:
     def _folder_ids(self) -> set[str]:
         return {p.name for p in self.root.iterdir()
                 if not p.name.startswith(".") and (p / "meta.json").is_file()}
+
+    def _folder_records(self) -> list[RunRecord]:
+        """Every run read from its folder, by id; unreadable folders skipped with a warning."""
+        records = []
+        for run_id in sorted(self._folder_ids()):
+            try:
+                records.append(_record_from_folder(self.root / run_id))
+            except StoreError as exc:
+                warnings.warn(f"reindex skips {run_id}: {exc}", stacklevel=3)
+        return records
 
     def _index_read(self) -> list[RunRecord]:
         return self._index.read()

@@ -285,7 +285,7 @@ class CIFAR10:
             fingerprint = [cache.tree_fingerprint(root / "train"), cache.tree_fingerprint(root / "test")]
         identity = {"layout": layout, "root": str(root)}
         splits = cache.load_cached("cifar10", identity, fingerprint, lambda: self._build(layout, root), cache_dir)
-        splits.source = root
+        splits.source, splits.fingerprint = root, fingerprint
         return shuffle_train(splits, self.order_seed)
 
     def _build(self, layout: str, root: Path) -> DatasetSplits:
@@ -417,7 +417,7 @@ class GTSRB:
         ]
         identity = {"root": str(layout.base), "train": str(layout.train_dir), "size": self.size}
         splits = cache.load_cached("gtsrb", identity, fingerprint, lambda: self._build(layout), cache_dir)
-        splits.source = layout.base
+        splits.source, splits.fingerprint = layout.base, fingerprint
         return shuffle_train(splits, self.order_seed)
 
     def _build(self, layout: _GtsrbLayout) -> DatasetSplits:
@@ -515,7 +515,7 @@ class ImageFolder:
                 f"imagefolder: '{root / 'train'}' has {splits.num_classes} class folders but num_classes is "
                 f"{self.num_classes}"
             )
-        splits.source = root
+        splits.source, splits.fingerprint = root, fingerprint
         return shuffle_train(splits, self.order_seed)
 
     def _build(self, root: Path, test: Path) -> DatasetSplits:

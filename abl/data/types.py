@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,6 +55,10 @@ class DatasetSplits:
     #: ``train_order[i]`` of the source order (file order, or the batches' record order),
     #: after the dataset's load-time shuffle and any slice; ``None``: source order.
     train_order: torch.Tensor | None = None
+    #: the dataset cache's content hash of the source files (one entry per part, e.g. the
+    #: training and the test folder), recorded with each run and checked when it resumes;
+    #: ``None`` for data not read through the cache
+    fingerprint: Any = None
 
     @property
     def image_size(self) -> int:
@@ -86,6 +91,7 @@ class DatasetSplits:
             self.source,
             [self.train_files[i] for i in order.tolist()] if self.train_files is not None else None,
             self.train_order[order] if self.train_order is not None else order,
+            fingerprint=self.fingerprint,
         )
 
 
