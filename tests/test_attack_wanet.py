@@ -137,8 +137,9 @@ def test_noise_mode_is_seeded():
     assert torch.equal(a.mix_index, b.mix_index) and torch.equal(da.images, db.images)
     assert not torch.equal(a.mix_index, c.mix_index)
     # the seed draws the noise-mode examples and their noise, not only the poisons
-    (ia, na), (ic, nc) = a.select_cross(da.poison_mask), c.select_cross(da.poison_mask)
-    assert not torch.equal(ia, ic) and not torch.equal(na, nc)
+    ia, ic = a.select_cross(da.poison_mask), c.select_cross(da.poison_mask)
+    assert not torch.equal(ia, ic) and not torch.equal(a.cross_noise(ia[:3]), c.cross_noise(ia[:3]))
+    assert torch.equal(a.cross_noise(ia[1:3]), a.cross_noise(ia[:3])[1:]), "an image's noise does not depend on its batch"
 
 
 def test_cross_ratio_zero_turns_noise_mode_off():

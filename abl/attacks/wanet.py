@@ -14,7 +14,7 @@ from abl.config import check
 from abl.data.types import ImageSplit, PoisonedSet
 from abl.errors import ConfigError
 
-_CROSS_STREAM = 1  # the cross examples' choice and noise draw from their own seed stream
+_CROSS_STREAM, _NOISE_STREAM = 1, 2  # the cross examples' choice and noise draw from their own seed streams
 _U64 = (1 << 64) - 1
 
 
@@ -110,9 +110,8 @@ class WaNet(Attack):
         noisy = (grid + noise.to(x.device, x.dtype) / self.image_size).clamp(-1, 1)
         return warp(x, noisy)
 
-    def select_cross(self, poison_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Seeded indices of the noise-mode examples (sorted, none of them poisoned) and their
-        noise ``(n, H, W, 2)`` uniform in [-1, 1]."""
+    def select_cross(self, poison_mask: torch.Tensor) -> torch.Tensor:
+        """Seeded indices of the noise-mode examples (sorted, none of them poisoned)."""
         poison_mask = poison_mask.cpu()
         n_cross = int(round(self.cross_ratio * int(poison_mask.sum())))
         free = (~poison_mask).nonzero().squeeze(1)
@@ -123,22 +122,27 @@ class WaNet(Attack):
             )
         rng = np.random.default_rng((self.seed & _U64, _CROSS_STREAM))  # seed sequences take non-negative ints
         chosen = torch.from_numpy(rng.permutation(len(free))[:n_cross]).long()
-        index = free[chosen].sort().values
+        return free[chosen].sort().values
+
+    def cross_noise(self, index: torch.Tensor) -> torch.Tensor:
+        """Noise ``(N, H, W, 2)`` uniform in [-1, 1] for the training images at positions
+        ``index``: image ``i``'s from a generator seeded by ``(seed, i)``, so a chunk's noise
+        does not depend on the chunking."""
         s = self.image_size
-        noise = torch.from_numpy(rng.uniform(-1.0, 1.0, (n_cross, s, s, 2)).astype(np.float32))
-        return index, noise
+        out = np.empty((len(index), s, s, 2), dtype=np.float32)
+        for k, i in enumerate(index.tolist()):
+            out[k] = np.random.default_rng((self.seed & _U64, _NOISE_STREAM, i)).uniform(-1.0, 1.0, (s, s, 2))
+        return torch.from_numpy(out)
 
     def poison(self, train: ImageSplit, device: torch.device | str = "cpu") -> PoisonedSet:
         """Warp and relabel ``rate`` of ``train``, then noise-warp ``rate * cross_ratio`` of
         the rest with their labels kept."""
         data = super().poison(train, device)
-        index, noise = self.select_cross(data.poison_mask)
-        if len(index):
-            idx = index.to(data.images.device)
-            out = torch.empty_like(data.images[idx])
-            for st in range(0, len(idx), 4096):  # bounded memory, as Attack.apply_uint8
-                x = data.images[idx[st : st + 4096]].float().div_(255)
-                out[st : st + 4096] = self.apply_noise(x, noise[st : st + 4096]).mul_(255).round_().to(torch.uint8)
-            data.images[idx] = out
+        index = self.select_cross(data.poison_mask)
+        for st in range(0, len(index), 4096):  # bounded memory, as Attack.apply_uint8
+            chunk = index[st : st + 4096]
+            idx = chunk.to(data.images.device)
+            x = data.images[idx].float().div_(255)
+            data.images[idx] = self.apply_noise(x, self.cross_noise(chunk)).mul_(255).round_().to(torch.uint8)
         self.mix_index = index
         return data
