@@ -44,6 +44,7 @@ import shutil
 import socket
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,6 +390,145 @@ def finished_cells(store: RunStore) -> dict[str, RunRecord]:
     return dict(CellIndex(store).refresh())
 
 
+# ----------------------------------------------------------------------------- leftover Ray processes
+
+#: where each live sweep driver lists the processes of the local Ray it started
+REAPER_DIR = Path(tempfile.gettempdir()) / f"abl-ray-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+_REFRESH_S = 2.0
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """``(parent pid, start time)`` of a live process from ``/proc`` (None: gone or a zombie).
+    The start time (clock ticks since boot) tells a process from a later one with its pid."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()  # the name, in parentheses, may hold spaces
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[1]), fields[19]
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """Every live process below ``pid`` (children, theirs, ...), as ``(pid, start time)``."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _proc_stat(int(entry))
+            if st is not None:
+                children.setdefault(st[0], []).append((int(entry), st[1]))
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child[0])
+    return out
+
+
+class RayProcessRecord:
+    """The processes of the local Ray a sweep driver started, listed in :data:`REAPER_DIR`.
+
+    Ray's head processes die with a driver killed by SIGKILL, but the raylet's agents
+    (``DashboardAgent``, ``RuntimeEnvAgent``) outlive it and ignore SIGTERM. So the driver
+    keeps a list of every process below it (refreshed every few seconds: workers come and
+    go) and removes the list when it ends; the next ``abl sweep`` (:func:`reap_leftover_ray`)
+    SIGKILLs the processes of any list whose driver is gone.
+    """
+
+    def __init__(self, directory: Path = REAPER_DIR) -> None:
+        me = _proc_stat(os.getpid())
+        self.enabled = me is not None  # /proc: Linux
+        self.path = directory / f"{os.getpid()}.json"
+        self._driver = [os.getpid(), me[1] if me else ""]
+        # made before Ray starts: the children the driver already had are not Ray's
+        self._before = set(_descendants(os.getpid())) if self.enabled else set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def write(self) -> None:
+        procs = [p for p in _descendants(os.getpid()) if p not in self._before]
+        data = {"driver": self._driver, "boot": _boot_id(), "procs": procs}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.path)
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.write()
+        except OSError:  # no writable temp folder: nothing to clean up after, but the sweep runs
+            self.enabled = False
+            return
+        self._thread = threading.Thread(target=self._refresh, name="abl-ray-record", daemon=True)
+        self._thread.start()
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(_REFRESH_S):
+            try:
+                self.write()
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        """After Ray has shut down: the list is no longer needed."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.enabled:
+            for p in (self.path, self.path.with_suffix(".tmp")):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+
+
+def reap_leftover_ray(directory: Path = REAPER_DIR) -> list[int]:
+    """SIGKILL the Ray processes of sweep drivers that died without shutting Ray down
+    (``kill -9``, a crash); returns their pids. A live driver's processes are left alone,
+    and a pid is killed only while it is the same process (same start time, same boot)."""
+    import signal
+
+    killed: list[int] = []
+    if not directory.is_dir():
+        return killed
+    boot = _boot_id()
+    for path in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            driver_pid, driver_start = int(data["driver"][0]), str(data["driver"][1])
+            procs = [(int(p), str(t)) for p, t in data["procs"]]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue  # being written, or not ours
+        same_boot = data.get("boot") == boot
+        driver = _proc_stat(driver_pid)
+        if same_boot and driver is not None and driver[1] == driver_start:
+            continue  # its driver is alive: a sweep running beside this one
+        if same_boot:
+            for pid, start in procs:
+                st = _proc_stat(pid)
+                if st is not None and st[1] == start:
+                    try:
+                        os.kill(pid, signal.SIGKILL)  # the agents ignore SIGTERM
+                        killed.append(pid)
+                    except OSError:
+                        pass
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    return killed
+
+
 def _import_ray():
     try:
         import ray
@@ -446,12 +586,16 @@ def run_sweep(
     pending = [c for c in cells if c.cell_id not in done]
     total = len(cells)
     progress(f"grid '{grid.name}': {total} cells, {len(records)} already finished, {len(pending)} to run")
+    leftover = reap_leftover_ray()
+    if leftover:
+        progress(f"stopped {len(leftover)} Ray processes left running by a sweep that was killed")
     failed: dict[str, str] = {}
     if pending:
         # no usage reports from a machine that may have no internet (Ray's own switch)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray = _import_ray()
         started = not ray.is_initialized()
+        record = RayProcessRecord() if started and address is None else None
         if started:
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
             if address is None:
@@ -465,6 +609,8 @@ def run_sweep(
             except Exception as exc:  # noqa: BLE001 - ConnectionError and Ray's own types
                 raise AblError(f"could not start or reach Ray ({'address ' + address if address else 'local'}): "
                                f"{exc}") from None
+            if record is not None:
+                record.start()
         try:
             task = ray.remote(run_cell).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
             work_root = (Path(runs_dir) / WORK_DIR).absolute()
@@ -521,6 +667,8 @@ def run_sweep(
         finally:
             if started:
                 ray.shutdown()
+            if record is not None:
+                record.stop()
     return SweepResult(grid, cells, records, total - len(pending), failed, time.perf_counter() - t0)
 
 
