@@ -364,9 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # the command line as given, recorded with tables
     # SIGTERM (a scheduler's kill, `kill PID`) ends a run like Ctrl-C: recorded as
     # interrupted, not left "running" forever.
-    previous = None
+    previous = previous_int = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        # `abl run &` in a script starts with SIGINT ignored (a shell's background job);
+        # Ctrl-C must still stop it as interrupted and resumable, as SIGTERM does
+        if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+            previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with _log_to_stderr():
             code = args.func(args)
@@ -386,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 if __name__ == "__main__":

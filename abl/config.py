@@ -10,6 +10,8 @@ overrides are applied to the raw mapping before validation, as in big_vision.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -21,6 +23,80 @@ import yaml
 from abl.errors import ConfigError
 
 T = TypeVar("T")
+
+MAX_EPOCHS = 10_000
+"""Upper bound of every epoch count (a field named ``epochs`` or ``*_epochs``). The longest
+schedule in this project is 600 epochs (a surrogate); 10,000 epochs of even the smallest
+model here take days, so a larger count is a typo, not a plan."""
+
+MAX_STEPS = 1_000_000
+"""Upper bound of every optimisation step count (``steps``, ``*_steps``): the defaults are
+at most 1,000 steps; a million is hours of optimisation per use."""
+
+SEED_MAX = 2**32 - 1
+"""Seeds (``seed``, ``*_seed``) lie in ``0 .. 2**32 - 1``: numpy's legacy seeding takes no
+more, torch and numpy's ``default_rng`` take all of it, and seeds derived by adding an
+offset or multiplying by a small prime stay within torch's 64-bit range."""
+
+
+class _OutOfRange(ConfigError):
+    """The value has the right type but is out of bounds: reported as it is, not as a type
+    mismatch by the union that tried it."""
+
+
+def _is_unbounded_ok(where: str) -> bool:
+    """Whether the float at ``where`` may be ``+inf``: a ``*ceiling`` (no ceiling)."""
+    return where.rsplit(".", 1)[-1].split("[", 1)[0].endswith("ceiling")
+
+
+def _check_int_bounds(value: int, where: str) -> None:
+    """Bounds that every config shares, by the field's name: epochs, steps, seeds."""
+    key = where.rsplit(".", 1)[-1]
+    if key == "seed" or key.endswith("_seed"):
+        _check_seed_range(value, where)
+    elif key == "epochs" or key.endswith("_epochs"):
+        if value > MAX_EPOCHS:
+            raise _OutOfRange(
+                f"'{where}' must be at most {MAX_EPOCHS:,}, got {value:,}: the longest schedule here is 600 epochs "
+                f"and {MAX_EPOCHS:,} epochs would take days, so a larger count can only be a typo"
+            )
+    elif key == "steps" or key.endswith("_steps"):
+        if value > MAX_STEPS:
+            raise _OutOfRange(
+                f"'{where}' must be at most {MAX_STEPS:,}, got {value:,}: the defaults take at most 1,000 steps "
+                "and a larger count would optimise for hours each time, so it can only be a typo"
+            )
+
+
+def _check_seed_range(value: int, where: str) -> None:
+    if not 0 <= value <= SEED_MAX:
+        raise _OutOfRange(
+            f"'{where}' must be between 0 and {SEED_MAX} (2**32 - 1), got {value}: "
+            "the range that every random generator it seeds accepts"
+        )
+
+
+def check_seed(value: Any, where: str) -> int:
+    """``value`` as a seed (an integer in ``0 .. SEED_MAX``), else a ConfigError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"'{where}' must be an integer, got {value!r}")
+    _check_seed_range(value, where)
+    return value
+
+
+def check_milestones(milestones: Any, epochs: int, where: str) -> None:
+    """Learning-rate milestones must be epochs inside the phase (``1 .. epochs - 1``), in
+    increasing order: one outside never fires or fires before the first epoch, and an
+    unsorted list reads as a schedule it is not."""
+    ms = list(milestones or [])
+    bad = [m for m in ms if not 0 < m < epochs]
+    if bad:
+        raise ConfigError(
+            f"'{where}' must hold epochs between 1 and {epochs - 1} (the phase has {epochs} epochs), got {ms}: "
+            f"milestone {bad[0]} would {'never take effect' if bad[0] >= epochs else 'apply before the first epoch'}"
+        )
+    if any(b <= a for a, b in zip(ms, ms[1:])):
+        raise ConfigError(f"'{where}' must be in increasing order without repeats, got {ms}")
 
 
 def _type_name(tp: Any) -> str:
@@ -44,6 +120,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, where)
+            except _OutOfRange:
+                raise
             except ConfigError as exc:
                 errors.append(str(exc))
         names = " or ".join(_type_name(a) for a in args)
@@ -81,11 +159,23 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"'{where}' must be an integer, got {value!r}")
+        _check_int_bounds(value, where)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{where}' must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float's range
+            raise _OutOfRange(f"'{where}' must be a finite number, got an integer of {len(str(value))} digits") from None
+        # inf or nan turns every loss or update it touches into inf or nan (gamma = .inf made
+        # isolation pure ascent); only a ceiling may be absent, written .inf
+        if math.isnan(number) or (math.isinf(number) and not (number > 0 and _is_unbounded_ok(where))):
+            raise _OutOfRange(
+                f"'{where}' must be a finite number, got {value}"
+                + ("" if not _is_unbounded_ok(where) else " (.inf, meaning no ceiling, is allowed)")
+            )
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"'{where}' must be a string, got {value!r}")
@@ -184,7 +274,11 @@ def set_path(raw: dict[str, Any], path: list[str], value: Any, where: str) -> No
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key repeated in one mapping.
+    """``yaml.SafeLoader`` that reads YAML 1.2 numbers and refuses a key repeated in one mapping.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``1e30``,
+    ``1E-3``, ``.5e2`` and ``+1e3`` are read as strings; the resolver added below (after the
+    class) reads every float form of the YAML 1.2 core schema as a number.
 
     Plain ``safe_load`` keeps the last value silently, so a setting written twice (say
     ``rate: 0.1`` near the top and ``rate: 0.5`` further down) would run unnoticed with
@@ -210,6 +304,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2 core floats that YAML 1.1 misses: an exponent without a dot or without a sign.
+# Forms with a dot and a signed exponent, and .inf/.nan, already resolve as floats.
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?$")
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+.0123456789"))
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^0o[0-7]+$"), ["0"])  # 1.2 octal
+
+
 def safe_load_unique(text: str) -> Any:
     """``yaml.safe_load`` that raises ``yaml.YAMLError`` on a key repeated in a mapping."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
@@ -218,10 +319,29 @@ def safe_load_unique(text: str) -> Any:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a mapping, with one-line errors for the usual mistakes."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file '{p}' is a directory; give the path of a .yaml file inside it")
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist")
     try:
-        data = safe_load_unique(p.read_text())
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{p}': {exc.strerror or exc}") from None
+    try:
+        if b"\x00" in raw:  # UTF-16 of ASCII text decodes as UTF-8, NULs and all
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # UTF-16 (a Windows editor's "Unicode") starts with a byte-order mark or holds NUL
+        # bytes; Latin-1 shows as a lone byte >= 0x80
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw:
+            what = "is UTF-16 (or another encoding that is not UTF-8)"
+        else:
+            line = raw[: exc.start].count(b"\n") + 1
+            what = f"has a byte that is not UTF-8 (0x{raw[exc.start]:02x} on line {line}; Latin-1?)"
+        raise ConfigError(f"config file '{p}' {what}; save it as UTF-8") from None
+    try:
+        data = safe_load_unique(text)
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "parse error"
         raise ConfigError(f"config file '{p}' is not valid YAML: {first}") from None

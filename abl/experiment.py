@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from abl.attacks import ATTACKS, Attack
-from abl.config import apply_overrides, build_dataclass, check, load_yaml, to_plain
+from abl.config import apply_overrides, build_dataclass, check, check_seed, load_yaml, to_plain
 from abl.data.datasets import DATASETS  # noqa: F401  (registration)
 from abl.data.types import DatasetSplits, PoisonedSet
 from abl.defenses import DEFENSES, Defense
@@ -116,8 +116,7 @@ def build_experiment(raw: dict[str, Any]) -> Experiment:
     seed = raw.get("seed", 0)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"'name' must be a non-empty string, got {name!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"'seed' must be an integer, got {seed!r}")
+    check_seed(seed, "seed")
     attack_raw = raw.get("attack")
     attack = None
     if attack_raw not in (None, "none"):

@@ -190,6 +190,16 @@ def _remove_stale(path: Path) -> None:
             pass
 
 
+def _why_unreadable(exc: Exception) -> str:
+    """Why a cache file could not be read, in words that never suggest loading it with
+    ``allow_pickle`` (numpy's own message does): a cache file holding pickled objects was not
+    written by abl, and unpickling it could run any code."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "pickle" in text.lower():
+        return "it holds pickled Python objects, which abl never loads: not a file abl wrote"
+    return text
+
+
 #: a first decode slower than this gets a line saying what is happening (CIFAR-10: ~15 s)
 DECODE_NOTE_AFTER_S = 2.0
 
@@ -239,7 +249,8 @@ def load_cached(
         try:
             return read_splits(path, name)
         except Exception as exc:  # corrupt, truncated or foreign file: rebuild it
-            warnings.warn(f"ignoring unreadable dataset cache '{path}' ({exc}); rebuilding it", stacklevel=3)
+            warnings.warn(f"ignoring unreadable dataset cache '{path}' ({_why_unreadable(exc)}); rebuilding it",
+                          stacklevel=3)
     splits = _decode_noting_delay(name, path, build)
     try:
         write_splits(path, splits)

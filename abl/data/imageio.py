@@ -65,6 +65,14 @@ def list_images(folder: Path) -> list[Path]:
     would otherwise repeat every image until the OS gives up at 40 levels), and a file
     reached by several names (links) is listed once, under the first name in sorted order.
     """
+    return [path for path, _ in _list_images_keyed(folder)]
+
+
+_FileKey = tuple[int, int]  # (device, inode): one file, whatever name or link reaches it
+
+
+def _list_images_keyed(folder: Path) -> list[tuple[Path, _FileKey | None]]:
+    """:func:`list_images` with each file's key (``None``: a dangling link)."""
     found: list[Path] = []
     seen_dirs: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -83,17 +91,17 @@ def list_images(folder: Path) -> list[Path]:
             if not f.startswith(".") and is_image_file(f):
                 _utf8_name(os.path.join(dirpath, f), "image file")
                 found.append(Path(dirpath, f))
-    unique: list[Path] = []
-    seen_files: set[tuple[int, int]] = set()
+    unique: list[tuple[Path, _FileKey | None]] = []
+    seen_files: set[_FileKey] = set()
     for path in sorted(found):
         try:
             st = os.stat(path)
         except OSError:  # a dangling link: kept, so that decoding names it
-            unique.append(path)
+            unique.append((path, None))
             continue
         if (st.st_dev, st.st_ino) not in seen_files:
             seen_files.add((st.st_dev, st.st_ino))
-            unique.append(path)
+            unique.append((path, (st.st_dev, st.st_ino)))
     return unique
 
 
@@ -105,6 +113,11 @@ def scan_class_folders(
     With ``classes`` (the train split's sorted class names) every folder must be one of
     them and labels index into that list; without it the folders found define the
     classes. Returns ``(paths, labels, class_names)``.
+
+    A file reached from two class folders (a link such as ``cat/up -> ..`` reaches every
+    ``dog`` image from ``cat``) is an error naming both paths: its label would be a guess,
+    and guessing trains some images under the wrong class without a word. A file reached
+    twice within one class folder is simply listed once.
     """
     found = list_class_dirs(split_dir)
     if not found:
@@ -123,13 +136,25 @@ def scan_class_folders(
     index = {name: i for i, name in enumerate(classes)}
     paths: list[Path] = []
     labels: list[int] = []
+    owner: dict[_FileKey, tuple[str, Path]] = {}
     for name in found:
         if name not in index:
             raise DataError(
                 f"{what}: class folder '{split_dir / name}' is not among the train classes; "
                 "the test/val split may only use class folder names that train/ has"
             )
-        files = list_images(split_dir / name)
+        keyed = _list_images_keyed(split_dir / name)
+        for path, key in keyed:
+            if key is None:
+                continue
+            if key in owner:
+                first_class, first_path = owner[key]
+                raise DataError(
+                    f"{what}: image '{path}' in class '{name}' is the same file as '{first_path}' in class "
+                    f"'{first_class}' (a link between class folders); an image may have one label: remove the link"
+                )
+            owner[key] = (name, path)
+        files = [path for path, _ in keyed]
         if not files:
             raise DataError(
                 f"{what}: class folder '{split_dir / name}' has no images "

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from abl.config import check, to_plain
+from abl.config import check, check_milestones, to_plain
 from abl.data.loader import AugmentConfig
 from abl.defenses.base import DEFENSES, METRIC_KEYS, Defense, DefenseResult, phase_metrics
 from abl.detectors import DETECTORS, Detector, detection_metrics
@@ -36,6 +36,7 @@ from abl.detectors.loss import (  # noqa: F401  (re-exported: the objectives' ol
     lga_objective,
 )
 from abl.engine import Engine
+from abl.errors import ConfigError
 from abl.metrics import isolation_metrics
 from abl.stages import BackdoorSchedule
 from abl.unlearning import UNLEARNERS, Unlearner, UnlearnContext
@@ -179,7 +180,8 @@ class ABL(Defense):
             side, the paper's) or ``authors`` (the authors' ``Cutout(1, 3)``, whose length 3
             cuts a 2x2 hole).
         unlearning: ``gga`` (joint ``mean(D_c) - mean(D_b)`` in every batch) or ``ascent``
-            (``-mean(D_b)`` over ``D_b`` only, the authors').
+            (``-mean(D_b)`` over ``D_b`` only, the authors'); ``none`` runs isolation and
+            recovery only, the explicit opt-in that a run with no unlearning epoch needs.
         unlearning_epochs: epochs of unlearning (paper 20, official 4: the authors' loop runs
             5 but its first only evaluates).
         unlearning_lr: the unlearning learning rate (paper 1e-4, official 5e-4, default 1e-3).
@@ -251,7 +253,7 @@ class ABL(Defense):
     recovery_augment: bool | None = None
     recovery_cutout: int | None = None
     recovery_cutout_span: Literal["length", "authors"] | None = None
-    unlearning: Literal["gga", "ascent"] | None = None
+    unlearning: Literal["gga", "ascent", "none"] | None = None
     unlearning_epochs: int | None = None
     unlearning_lr: float | None = None
     unlearning_epoch: Literal["isolated", "clean"] | None = None
@@ -289,6 +291,13 @@ class ABL(Defense):
         check(self.recovery_epochs >= 0, "defense.recovery_epochs", "must be >= 0")  # type: ignore[operator]
         check(self.recovery_cutout >= 0, "defense.recovery_cutout", "must be >= 0")  # type: ignore[operator]
         check(self.unlearning_epochs >= 0, "defense.unlearning_epochs", "must be >= 0")  # type: ignore[operator]
+        if self.unlearning == "none":
+            if "unlearning_epochs" in from_preset:
+                self.unlearning_epochs = 0
+            check(self.unlearning_epochs == 0, "defense.unlearning_epochs",
+                  f"must be 0 with unlearning: none, got {self.unlearning_epochs}")
+        if "recovery_milestones" not in from_preset and self.recovery_epochs:  # a preset's fit its own length
+            check_milestones(self.recovery_milestones, self.recovery_epochs, "defense.recovery_milestones")  # type: ignore[arg-type]
         for name in ("isolation_lr", "recovery_lr", "unlearning_lr"):
             check(getattr(self, name) > 0, f"defense.{name}", "must be > 0")
         check(self.unlearning_ceiling is None or self.unlearning_ceiling > 0, "defense.unlearning_ceiling", "must be > 0")
@@ -332,7 +341,7 @@ class ABL(Defense):
         """The unlearner this ABL runs: the one named, else the flat ``unlearning*`` fields'."""
         if self.unlearner is not None:
             return UNLEARNERS.create(self.unlearner, "defense.unlearner")
-        return (GGA if self.unlearning == "gga" else Ascent)(
+        return (Ascent if self.unlearning == "ascent" else GGA)(
             epochs=self.unlearning_epochs, lr=self.unlearning_lr, epoch=self.unlearning_epoch,  # type: ignore[arg-type]
             bn=self.unlearning_bn, carry_momentum=self.carry_momentum, ceiling=self.unlearning_ceiling,  # type: ignore[arg-type]
             holdout=self.unlearning_holdout, select=self.unlearning_select, patience=self.unlearning_patience,  # type: ignore[arg-type]
@@ -366,7 +375,24 @@ class ABL(Defense):
             lock.release()
             self._stage_lock = None
 
+    def check_run(self, n_train: int) -> None:
+        """What only the whole defense needs (its parts stay usable alone, e.g. isolation
+        studies): an unlearning stage, and an isolated set of at least one example."""
+        if self.unlearning != "none" and getattr(self.unlearner_part(), "epochs", None) == 0:
+            # isolation + recovery alone is a different defense; its result must not be read as ABL's
+            raise ConfigError(
+                "'defense.unlearning_epochs' is 0: ABL without unlearning is not ABL; "
+                "set defense.unlearning=none to run isolation and recovery only, or give it epochs"
+            )
+        count = n_train * self.isolation_rate
+        if count < 1:
+            raise ConfigError(
+                f"'defense.isolation_rate' {self.isolation_rate:g} of the {n_train} training examples isolates "
+                f"{count:.3g} examples (< 1); raise it to at least {1 / n_train:.3g}"
+            )
+
     def _run(self, engine: Engine) -> DefenseResult:
+        self.check_run(len(engine.data))
         metrics: dict[str, dict[str, float]] = {}
         opt = None
         cached = self._cached_isolation(engine)
