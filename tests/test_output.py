@@ -230,3 +230,31 @@ def test_the_demo_turns_its_inevitable_warning_into_a_note(caplog):
     assert [str(w.message) for w in passed] == ["something else"]
     (note,) = [r.getMessage() for r in caplog.records]
     assert note.startswith("note: ") and "rests on 3 of its isolated examples" in note
+
+
+def test_report_md_splits_the_per_phase_metrics_into_narrow_tables(tmp_path):
+    """24 metrics over 5 phases: a table per kind (model, isolation, unlearning checks,
+    time), a row per metric and a column per phase, none wider than the phases it has."""
+    from abl.report import write_report
+    from abl.store import RunStore
+
+    store = RunStore(tmp_path / "runs")
+    model = {"clean_acc": 0.9, "clean_acc_nontarget": 0.89, "asr": 0.5, "robust_acc": 0.4}
+    iso = {"iso_precision": 1.0, "iso_recall": 0.1, "iso_count": 13.0, "iso_auprc": 0.9, "iso_separation": 7.05,
+           "iso_top_label_share": 1.0, "iso_weak": 0.0}
+    unl = {"iso_fit_before": 1.0, "iso_fit_after": 0.0, "unlearn_weak": 0.0, "unlearn_epochs_run": 18.0,
+           "iso_heldout_fit_before": 1.0, "iso_heldout_fit_after": 0.0, "iso_heldout_count": 30.0,
+           "unlearn_epoch_kept": 18.0}
+    with store.create_run({"dataset": {"name": "digits"}}, name="wide", seed=0) as run:
+        run.finish({"attack": {"poison_s": 0.0068}, "isolation": {**model, **iso, "stage_s": 28.7, "rank_s": 0.0004},
+                    "recovery": {**model, "stage_s": 15.3}, "unlearning": {**model, **unl, "stage_s": 18.3},
+                    "final": {**model, **iso}}, wall_s=62.6)
+    text = write_report(store, [run.run_id], tmp_path / "r").read_text()
+    section = text.split("## wide")[1]
+    tables = [line for line in section.splitlines() if line.startswith("|")]
+    headers = [line for line in tables if not line.startswith("|---") and line.split("|")[1].strip() in
+               ("Model", "Isolation", "Unlearning checks", "Time and cache")]
+    assert [h.split("|")[1].strip() for h in headers] == ["Model", "Unlearning checks", "Isolation", "Time and cache"]
+    assert "| Isolation | isolation | final |" in headers
+    assert all(line.count("|") <= 6 for line in tables), "one column per phase (5) and the metric's name"
+    assert "| Stage time | – | 28.7 s | 15.3 s | 18.3 s |" in tables and "| Ranking time | – | 0.0 s | – | – |" in tables
