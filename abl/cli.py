@@ -82,19 +82,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from abl.registries import all_registries
-    from abl.registry import format_component
+    from abl.registry import format_component, format_names
 
     registries = all_registries()
     if args.kind is None:
         for kind, registry in registries.items():
-            print(f"{kind}s: {', '.join(registry.names())}")
+            print(format_names(kind, registry.names()))
         return 0
     kind = args.kind.rstrip("s") if args.kind.rstrip("s") in registries else args.kind
     if kind not in registries:
         raise AblError(f"unknown kind '{args.kind}'; use one of {', '.join(registries)} (e.g. `abl list attack badnets`)")
     registry = registries[kind]
     if args.name is None:
-        print(f"{kind}s: {', '.join(registry.names())}")
+        print(format_names(kind, registry.names()))
         return 0
     print(format_component(kind, args.name, registry.get(args.name)))
     return 0

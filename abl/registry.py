@@ -196,3 +196,11 @@ def format_component(kind: str, name: str, cls: type, width: int = 100) -> str:
             lines += textwrap.wrap(p.doc, width, initial_indent="      ", subsequent_indent="      ",
                                    break_on_hyphens=False)
     return "\n".join(lines)
+
+
+def format_names(kind: str, names: list[str], width: int = 100) -> str:
+    """``abl list``: one kind's registered names, wrapped to ``width``."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(f"{kind}s: {', '.join(names)}", width, subsequent_indent="  ",
+                                    break_on_hyphens=False))

@@ -66,6 +66,16 @@ def test_list_abl_shows_preset_values_and_whole_descriptions(capsys):
     assert len(recovery) == 8 and len(set(recovery)) == 8
 
 
+def test_list_of_every_kind_fits_100_columns(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert_readable(out)
+    for kind, registry in all_registries().items():
+        assert f"{kind}s: " in out
+        for name in registry.names():
+            assert re.search(rf"[ ,]{name}(,|$)", out, re.M), name
+
+
 def test_list_help_names_every_kind(capsys):
     with pytest.raises(SystemExit):
         main(["list", "--help"])
