@@ -88,7 +88,10 @@ class ParamDoc(NamedTuple):
     presets: dict[str, Any] = {}
 
 
-_ENTRY = re.compile(r"^(?P<names>[a-z_][a-z0-9_]*(?:, *[a-z_][a-z0-9_]*)*): *(?P<text>.*)$")
+# ``name: text``, ``a, b: text`` (shared), ``prefix_*: text`` (every field with the prefix)
+_NAME = r"[a-z_][a-z0-9_]*\*?"
+_ENTRY = re.compile(rf"^(?P<names>{_NAME}(?:, *{_NAME})*): *(?P<text>.*)$")
+_NAMES_GO_ON = re.compile(rf"^{_NAME}(?:, *{_NAME})*,$")  # a list of names broken after a comma
 _ROLE = re.compile(r":[a-z]+:`~?(?P<target>[^`]+)`")
 
 
@@ -111,7 +114,11 @@ def _docstring_params(cls: type) -> dict[str, str]:
                 continue
             i += 1
             while i < len(lines) and lines[i].startswith("    "):
-                m = _ENTRY.match(lines[i].strip())
+                entry = lines[i].strip()
+                while _NAMES_GO_ON.match(entry) and i + 1 < len(lines):
+                    i += 1
+                    entry += " " + lines[i].strip()
+                m = _ENTRY.match(entry)
                 i += 1
                 if m is None:
                     continue
@@ -160,7 +167,8 @@ def describe(cls: type) -> list[ParamDoc]:
         type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         # Literal["a", "b"] -> 'a' | 'b': the values a config may hold
         type_name = re.sub(r"Literal\[([^\]]*)\]", lambda m: " | ".join(v.strip() for v in m.group(1).split(",")), type_name)
-        out.append(ParamDoc(f.name, type_name, default, docs.get(f.name, ""), _field_presets(cls, f.name, default)))
+        doc = docs.get(f.name) or next((d for k, d in docs.items() if k.endswith("*") and f.name.startswith(k[:-1])), "")
+        out.append(ParamDoc(f.name, type_name, default, doc, _field_presets(cls, f.name, default)))
     return out
 
 

@@ -42,8 +42,9 @@ class FinePruning(PostTraining):
         holdout: share of the clean subset kept to measure the accuracy the search
             watches (0.2); the activations are measured on the rest, and fine-tuning
             uses all of it.
-        epochs, lr: fine-tuning after pruning (10 epochs at 0.01, the schedule of the
-            defenses the ABL paper compares).
+        epochs: epochs of fine-tuning after pruning (10, the schedule of the defenses the
+            ABL paper compares).
+        lr: the fine-tuning's learning rate (0.01).
         augment: crop + flip + Cutout 9 while fine-tuning (appendix A.3).
     """
 

@@ -76,9 +76,13 @@ class MCR(PostTraining):
         t: the point of the curve kept as the result (0: the backdoored model, 1: the
             fine-tuned one; 0.4 by default, between the endpoints where the paper finds
             the backdoor gone).
-        finetune_epochs, finetune_lr: the fine-tuned endpoint (10 epochs at 0.01).
-        epochs, lr, milestones: the curve's training (100 epochs, the ABL paper's; lr
-            0.01, x0.1 at 50 and 75).
+        finetune_epochs: epochs of fine-tuning on the clean subset that make the curve's
+            second endpoint (10).
+        finetune_lr: that fine-tuning's learning rate (0.01).
+        epochs: epochs of the curve's training (100, the ABL paper's).
+        lr: the curve's starting learning rate (0.01).
+        milestones: curve epochs at which the learning rate is divided by 10 (null: at
+            half and three quarters of ``epochs``, 50 and 75 by default).
         points: how many evenly spaced ``t`` (0 and 1 included) the curve is evaluated at.
         augment: crop + flip + Cutout 9 while training (appendix A.3).
     """

@@ -48,9 +48,14 @@ class NAD(PostTraining):
         betas: attention-loss weight per residual group, aligned to the last groups
             (the authors' CIFAR-10 setting: [0, 0, 5000], only the deepest of WRN's three).
         p: power of the attention map (2).
-        teacher_epochs, teacher_lr: the teacher's fine-tuning (10 epochs at 0.01).
-        epochs, lr, milestones, lr_factor: the distillation (10 epochs; 0.1, x0.1 from
-            epoch 2: the authors' schedule).
+        teacher_epochs: epochs of the teacher's fine-tuning on the clean subset (10).
+        teacher_lr: the teacher's learning rate (0.01).
+        epochs: epochs of the attention distillation (10, the authors').
+        lr: the distillation's starting learning rate (0.1, the authors').
+        milestones: distillation epochs at which the learning rate is multiplied by
+            ``lr_factor`` (the authors': [2]).
+        lr_factor: what the distillation's learning rate is multiplied by at each
+            milestone (0.1).
         batch_size: 64 (the authors').
         nesterov: Nesterov momentum in both phases (the authors': on).
         augment: crop + flip + Cutout 9 in both phases (appendix A.3).

@@ -17,7 +17,10 @@ class NoDefense(Defense):
 
     Parameters (paper defaults for CIFAR-10; GTSRB uses lr 0.01):
         epochs: 100.
-        lr: 0.1, divided by ``1 / lr_factor`` at each of ``milestones`` ([20, 70]).
+        lr: the starting learning rate (0.1).
+        milestones: epochs at which the learning rate is multiplied by ``lr_factor``
+            ([20, 70]).
+        lr_factor: what the learning rate is multiplied by at each milestone (0.1).
         augment: False: the paper trains its backdoored models without augmentation.
     """
 

@@ -34,7 +34,11 @@ class Retrain(Unlearner):
     """Common shape: train ``engine.model`` on a (modified) training set.
 
     Parameters:
-        epochs, lr, milestones, lr_factor: the training schedule (20 epochs at 0.01).
+        epochs: training epochs (20).
+        lr: the starting learning rate (0.01).
+        milestones: epochs at which the learning rate is multiplied by ``lr_factor``
+            (none by default).
+        lr_factor: what the learning rate is multiplied by at each milestone (0.1).
         augment: crop + flip + Cutout 9 (the appendix's augmentation for defenses).
         start: ``backdoored`` fine-tunes the model the isolation left; ``scratch`` trains
             a freshly initialised one (seeded).
@@ -262,8 +266,10 @@ class SelfLearning(Retrain):
     "Self-learning"), then training on ``D_b* + D_c``.
 
     Parameters:
-        teacher_epochs, teacher_lr, teacher_milestones: the from-scratch model on ``D_c``
-            (the no-defense schedule: 100 epochs at 0.1, /10 at 20 and 70).
+        teacher_epochs: epochs of the from-scratch model trained on ``D_c`` that relabels
+            ``D_b`` (100, the no-defense schedule's).
+        teacher_lr: that model's starting learning rate (0.1).
+        teacher_milestones: epochs at which its learning rate is divided by 10 ([20, 70]).
     """
 
     method_type: ClassVar[str] = "label-based"
