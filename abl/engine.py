@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from abl.checkpoint import load_optimizer_state, optimizer_state
 from abl.config import check
-from abl.data.loader import AugmentConfig, TensorLoader, to_float
+from abl.data.loader import AugmentConfig, AugmentDraw, TensorLoader, to_float
 from abl.data.types import ImageSplit, PoisonedSet, TriggeredTestSet
 from abl.errors import ConfigError, DivergenceError, StoreError
 from abl.metrics import evaluate
@@ -41,8 +41,17 @@ def mean_loss(losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     """Per-example label-smoothed cross-entropy, ``eps`` one value or one per example:
     ``(1 - eps) * CE(y) + eps * mean_k CE(k)`` (Szegedy et al., CVPR 2016)."""
+    return _smoothed_and_plain(logits, y, eps)[0]
+
+
+def _smoothed_and_plain(
+    logits: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label-smoothed, plain) per-example cross-entropy from one log-softmax; the plain
+    one is exactly ``F.cross_entropy(logits, y, reduction="none")`` (a negated gather)."""
     logp = torch.log_softmax(logits, 1)
-    return -(1 - eps) * logp.gather(1, y[:, None]).squeeze(1) - eps * logp.mean(1)
+    picked = logp.gather(1, y[:, None]).squeeze(1)
+    return -(1 - eps) * picked - eps * logp.mean(1), -picked
 
 
 @dataclass
@@ -67,6 +76,12 @@ class TrainConfig:
         checkpoint_every_s: at most one checkpoint per this many seconds, always one at the
             end of each phase (0: after every epoch). A run loses at most this much work
             plus one epoch.
+        fast_step: ``on`` draws each epoch's batch order and augmentation at its start (in
+            the same random order, so results are identical) and runs every full batch
+            through one fixed-shape step function, captured once and replayed as a CUDA
+            graph on CUDA (re-captured when the learning rate, BatchNorm mode or objective
+            changes; the last partial batch runs eagerly); elsewhere the same function runs
+            eagerly. ``off``: the plain loop over the loader. ``auto``: on for CUDA.
     """
 
     batch_size: int = 128
@@ -84,6 +99,7 @@ class TrainConfig:
     threads: int = 0
     checkpoint: bool = True
     checkpoint_every_s: float = 60.0
+    fast_step: str = "auto"
 
     def validate(self) -> None:
         check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -95,6 +111,7 @@ class TrainConfig:
         check(self.eval_subset >= 0, "train.eval_subset", "must be >= 0")
         check(self.threads >= 0, "train.threads", "must be >= 0")
         check(self.checkpoint_every_s >= 0, "train.checkpoint_every_s", "must be >= 0 (0: after every epoch)")
+        check(self.fast_step in ("auto", "on", "off"), "train.fast_step", "must be auto, on or off")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -130,6 +147,8 @@ class Engine:
         self.cfg = cfg
         self.device = data.images.device
         cuda = self.device.type == "cuda"
+        if cuda:  # fixed shapes every step: let cuDNN pick its fastest kernels once
+            torch.backends.cudnn.benchmark = True
         self.autocast_dtype = torch.bfloat16 if (cuda and cfg.amp) else None
         self.channels_last = cuda and cfg.channels_last
         self.model = model.to(self.device)
@@ -145,7 +164,10 @@ class Engine:
         self.on_epoch = on_epoch
         self.epoch = 0  # global epoch counter across phases
         self.history: list[dict] = []
-        self.example_losses: list[torch.Tensor] = []  # one (N,) CPU tensor per epoch, NaN = not trained
+        # the (epochs, N) loss record, NaN = not trained: rows [:_n_loss] of a CPU buffer
+        # grown a phase at a time, so an epoch or a checkpoint never copies the whole record
+        self._loss_store = torch.empty(0, len(data))
+        self._n_loss = 0
         self._phase_count = 0
         #: what a defense must carry across an interruption that the history and the loss
         #: record do not hold (e.g. ABL's ranking passes, its best unlearning epoch); saved
@@ -169,6 +191,9 @@ class Engine:
         gen = torch.Generator().manual_seed(seed)
         self._eval_index = self._subset_index(len(self.test), gen)
         self._eval_trig_index = self._subset_index(len(self.triggered), gen) if self.triggered is not None else None
+        self._eval_sets: tuple[ImageSplit, TriggeredTestSet | None] | None = None  # built at first use
+        self._graphs: dict[tuple, _CapturedStep] = {}  # the one captured training step (CUDA)
+        self._warm: set[tuple] = set()  # graph keys that had their eager warm-up step
 
     def _subset_index(self, n: int, gen: torch.Generator) -> torch.Tensor | None:
         k = self.cfg.eval_subset
@@ -243,9 +268,28 @@ class Engine:
 
     def _restore_records(self, ck: dict, n: int) -> None:
         self.history = [dict(r) for r in ck["history"][:n]]
-        losses = ck["example_losses"]
-        self.example_losses = list(losses[:n].unbind(0)) if n else []
+        self._set_losses(ck["example_losses"][:n])
         self.epoch = n
+
+    @property
+    def example_losses(self) -> list[torch.Tensor]:
+        """The loss record as one (N,) CPU tensor per epoch (views of :meth:`loss_matrix`)."""
+        return list(self.loss_matrix().unbind(0))
+
+    @example_losses.setter
+    def example_losses(self, rows: list[torch.Tensor]) -> None:
+        self._set_losses(torch.stack(rows) if rows else torch.empty(0, len(self.data)))
+
+    def _set_losses(self, matrix: torch.Tensor) -> None:
+        self._loss_store = matrix.detach().to("cpu", torch.float32).clone()
+        self._n_loss = len(matrix)
+
+    def _reserve_losses(self, rows: int) -> None:
+        """Room for ``rows`` more epochs of the loss record (one copy per phase at most)."""
+        if self._n_loss + rows > len(self._loss_store):
+            grown = torch.full((self._n_loss + rows, len(self.data)), float("nan"))
+            grown[: self._n_loss] = self._loss_store[: self._n_loss]
+            self._loss_store = grown
 
     def _catch_up(self, ck: dict, opt: torch.optim.Optimizer, loader: TensorLoader | None) -> None:
         """Put the model, optimizer, loader and RNGs where the checkpoint left them."""
@@ -326,7 +370,7 @@ class Engine:
         if self._resume is not None and self._resume["phase_ordinal"] > ordinal:
             return  # resuming a later phase: its checkpoint holds these records already
         self.history = [dict(r) for r in history]
-        self.example_losses = list(example_losses.unbind(0)) if len(history) else []
+        self._set_losses(example_losses if len(history) else torch.empty(0, len(self.data)))
         self.epoch = len(history)
         if self.on_epoch is not None:  # the run's own log shows them like trained epochs
             for record in self.history:
@@ -355,10 +399,13 @@ class Engine:
             self.model.parameters(), lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=nesterov
         )
 
-    def _forward(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, model: torch.nn.Module, x: torch.Tensor, cache: bool = True) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+            enabled=self.autocast_dtype is not None, cache_enabled=cache,
+        ):
             return model(x)
 
     @torch.no_grad()
@@ -424,11 +471,14 @@ class Engine:
         """CA/ASR/RA on the whole test sets, or on the fixed per-epoch subsets."""
         test, trig = self.test, self.triggered
         if not full:
-            if self._eval_index is not None:
-                test = test.subset(self._eval_index)
-            if trig is not None and self._eval_trig_index is not None:
-                i = self._eval_trig_index
-                trig = TriggeredTestSet(trig.images[i], trig.true_labels[i], trig.attack_labels[i])
+            if self._eval_sets is None:  # the subsets are fixed: gather them once
+                if self._eval_index is not None:
+                    test = test.subset(self._eval_index)
+                if trig is not None and self._eval_trig_index is not None:
+                    i = self._eval_trig_index
+                    trig = TriggeredTestSet(trig.images[i], trig.true_labels[i], trig.attack_labels[i])
+                self._eval_sets = (test, trig)
+            test, trig = self._eval_sets
         return evaluate(
             self.model,
             test,
@@ -506,7 +556,12 @@ class Engine:
                 return opt
             start = resumed
         n = len(self.data)
-        per_example_smoothing = isinstance(smoothing, torch.Tensor)
+        spec = _StepSpec(objective, smoothing, extra_loss)
+        fast = self.cfg.fast_step == "on" or (self.cfg.fast_step == "auto" and self.device.type == "cuda")
+        self._reserve_losses(epochs - start)
+        # fixed buffers for the whole phase, so a captured step keeps writing to them
+        seen = torch.empty(n, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
         label = self._phase_label(ordinal, phase)
         if self.cfg.progress:
             where = self._run_progress()
@@ -518,25 +573,15 @@ class Engine:
             for group in opt.param_groups:
                 group["lr"] = current_lr
             t0 = time.perf_counter()
-            seen = torch.full((n,), float("nan"), device=self.device)
-            loss_sum = torch.zeros((), device=self.device)
-            steps = 0
-            for x, y, idx in loader:
-                logits = self._forward(self.train_model, x)
-                losses = F.cross_entropy(logits.float(), y, reduction="none")
-                if per_example_smoothing or float(smoothing) > 0:
-                    eps = smoothing[idx] if per_example_smoothing else smoothing  # type: ignore[index]
-                    loss = objective(smoothed_cross_entropy(logits.float(), y, eps), idx)
-                else:
-                    loss = objective(losses, idx)
-                if extra_loss is not None:
-                    loss = loss + extra_loss(x)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                seen[idx] = losses.detach()
-                loss_sum += loss.detach()
-                steps += 1
+            seen.fill_(float("nan"))
+            loss_sum.zero_()
+            if fast:
+                steps = self._planned_epoch(loader, opt, spec, seen, loss_sum, (current_lr, str(freeze_bn)))
+            else:
+                steps = 0
+                for x, y, idx in loader:
+                    self._step(opt, x, y, idx, spec, seen, loss_sum)
+                    steps += 1
             train_loss = float(loss_sum) / max(steps, 1)
             if not math.isfinite(train_loss):
                 raise DivergenceError(
@@ -565,6 +610,76 @@ class Engine:
         self._train_mode(False)
         return opt
 
+    def _step(
+        self, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+        spec: _StepSpec, seen: torch.Tensor, loss_sum: torch.Tensor, cache: bool = True,
+    ) -> None:
+        """One training step on a batch: forward, per-example loss, objective, backward,
+        optimizer, loss record. Nothing in it waits for the device (no host sync)."""
+        logits = self._forward(self.train_model, x, cache).float()
+        if spec.smoothed:
+            eps = spec.smoothing[idx] if isinstance(spec.smoothing, torch.Tensor) else spec.smoothing
+            smoothed, losses = _smoothed_and_plain(logits, y, eps)
+            loss = spec.objective(smoothed, idx)
+        else:
+            losses = F.cross_entropy(logits, y, reduction="none")
+            loss = spec.objective(losses, idx)
+        if spec.extra_loss is not None:
+            loss = loss + spec.extra_loss(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen[idx] = losses.detach()
+        loss_sum += loss.detach()
+
+    def _planned_epoch(
+        self, loader: TensorLoader, opt: torch.optim.Optimizer, spec: _StepSpec,
+        seen: torch.Tensor, loss_sum: torch.Tensor, mode: tuple,
+    ) -> int:
+        """One epoch from a plan drawn at its start (:meth:`TensorLoader.plan`, same random
+        order as iterating the loader), each batch through one step function of its
+        gather, augmentation and :meth:`_step`. On CUDA, full batches replay a CUDA graph
+        of that function (captured after two eager warm-up steps, again whenever ``mode``
+        (lr, BatchNorm mode), the objective or any tensor it reads moves); the partial last
+        batch and steps with an ``extra_loss`` (hooks) run eagerly. Returns the step count."""
+        plan = loader.plan()
+        graphs = self.device.type == "cuda" and spec.extra_loss is None and not self.cfg.compile
+        full = len(plan[0][0]) if plan else 0
+
+        def step(idx: torch.Tensor, draw: AugmentDraw | None, cache: bool = True) -> None:
+            self._step(opt, loader.batch(idx, draw), loader.labels[idx], idx, spec, seen, loss_sum, cache)
+
+        for idx, draw in plan:
+            if not graphs or len(idx) != full:
+                step(idx, draw)
+                continue
+            key = self._graph_key(opt, loader, spec, seen, loss_sum, mode, full)
+            graph = self._graphs.get(key)
+            if graph is not None:
+                graph(idx, draw)
+            elif key not in self._warm:
+                self._warm.add(key)
+                side = torch.cuda.Stream(self.device)  # warm-up on a side stream, as capture needs
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    step(idx, draw, cache=False)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+            else:
+                self._graphs = {key: _CapturedStep(lambda i, d: step(i, d, cache=False), idx, draw)}
+                self._graphs[key](idx, draw)
+        return len(plan)
+
+    def _graph_key(self, opt, loader, spec, seen, loss_sum, mode, full) -> tuple:
+        """What a captured step has frozen: the lr and BatchNorm mode, the objective, the
+        batch size and the addresses of every tensor it reads or writes."""
+        tensors = [*self.model.parameters(), *self.model.buffers(), loader.images, loader.labels, seen, loss_sum]
+        tensors += [b for p in self.model.parameters() if (b := opt.state.get(p, {}).get("momentum_buffer")) is not None]
+        if isinstance(spec.smoothing, torch.Tensor):
+            tensors.append(spec.smoothing)
+        groups = tuple((g["lr"], g["momentum"], g["weight_decay"], g["nesterov"], g.get("dampening", 0)) for g in opt.param_groups)
+        training = tuple(m.training for m in self.model.modules())
+        return (mode, groups, training, id(spec.objective), full, tuple(t.data_ptr() for t in tensors))
+
     def _train_mode(self, freeze_bn: bool | str) -> None:
         self.model.train()
         for m in self.model.modules():
@@ -582,8 +697,10 @@ class Engine:
                         m.eval()
 
     def _record(self, phase: str, e: int, lr: float, train_loss: float, seconds: float, seen: torch.Tensor, epochs: int) -> dict:
-        seen_cpu = seen.cpu()
-        self.example_losses.append(seen_cpu)
+        self._reserve_losses(1)
+        seen_cpu = self._loss_store[self._n_loss]
+        seen_cpu.copy_(seen)
+        self._n_loss += 1
         mask = self.data.poison_mask.cpu()
         record: dict = {"phase": phase, "epoch": self.epoch, "phase_epoch": e, "lr": lr, "train_loss": train_loss, "time_s": seconds}
         for name, sel in (("poison_loss", mask), ("clean_loss", ~mask)):
@@ -601,9 +718,42 @@ class Engine:
 
     def loss_matrix(self) -> torch.Tensor:
         """The (epochs, N) per-example training-loss record (NaN where not trained)."""
-        if not self.example_losses:
-            return torch.empty(0, len(self.data))
-        return torch.stack(self.example_losses)
+        return self._loss_store[: self._n_loss]
+
+
+@dataclass
+class _StepSpec:
+    """What a phase's training step computes besides the cross-entropy."""
+
+    objective: Objective
+    smoothing: float | torch.Tensor
+    extra_loss: Callable[[torch.Tensor], torch.Tensor] | None
+
+    @property
+    def smoothed(self) -> bool:
+        return isinstance(self.smoothing, torch.Tensor) or float(self.smoothing) > 0
+
+
+class _CapturedStep:
+    """A training step recorded once as a CUDA graph and replayed on new batches: the
+    batch's index and augmentation draw are copied into the graph's own input tensors.
+    Capture needs the step's lazily created state (momentum buffers, cuDNN plans) to
+    exist already, hence the caller's eager warm-up steps."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, AugmentDraw | None], None], idx: torch.Tensor, draw: AugmentDraw | None) -> None:
+        self.idx = idx.clone()
+        self.draw = None if draw is None else AugmentDraw(*(None if t is None else t.clone() for t in draw.tensors()))
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            fn(self.idx, self.draw)
+
+    def __call__(self, idx: torch.Tensor, draw: AugmentDraw | None) -> None:
+        self.idx.copy_(idx)
+        if self.draw is not None and draw is not None:
+            for mine, new in zip(self.draw.tensors(), draw.tensors()):
+                if mine is not None and new is not None:
+                    mine.copy_(new)
+        self.graph.replay()
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -37,25 +37,105 @@ class AugmentConfig:
         check(self.cutout >= 0, "augment.cutout", "must be >= 0")
 
 
+@dataclass
+class AugmentDraw:
+    """One batch's augmentation randomness, drawn ahead of the pixels it moves.
+
+    ``dy``/``dx``: crop offsets, ``flip``: mirror or not, ``cy``/``cx``: Cutout centres,
+    one per image (``None`` where that augmentation is off). Drawing it apart from
+    applying it lets a whole epoch be drawn at its start, in the loader's usual random
+    order, and each step then apply it with fixed shapes (a CUDA graph can replay that).
+    """
+
+    dy: torch.Tensor | None = None
+    dx: torch.Tensor | None = None
+    flip: torch.Tensor | None = None
+    cy: torch.Tensor | None = None
+    cx: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.dy, self.dx, self.flip, self.cy, self.cx]
+
+
+_ARANGE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """A cached ``arange(n)`` on ``device`` (the crop and Cutout grids never change)."""
+    key = (n, str(device))
+    t = _ARANGE.get(key)
+    if t is None:
+        t = _ARANGE[key] = torch.arange(n, device=device)
+    return t
+
+
+def draw_augment(
+    n: int, h: int, w: int, cfg: AugmentConfig, device: torch.device, generator: torch.Generator | None = None
+) -> AugmentDraw:
+    """The randomness :func:`augment` uses for ``n`` images of ``h`` x ``w``, drawn in
+    the same order as it draws it (crop rows, crop columns, flips, Cutout rows, columns)."""
+    d = AugmentDraw()
+    p = cfg.crop_padding
+    if p:
+        d.dy = torch.randint(0, 2 * p + 1, (n,), device=device, generator=generator)
+        d.dx = torch.randint(0, 2 * p + 1, (n,), device=device, generator=generator)
+    if cfg.flip:
+        d.flip = torch.rand(n, device=device, generator=generator) < 0.5
+    if cfg.cutout:
+        d.cy = torch.randint(0, h, (n,), device=device, generator=generator)
+        d.cx = torch.randint(0, w, (n,), device=device, generator=generator)
+    return d
+
+
+def _crop(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    # two gathers (rows, then columns) with cached grids: the same copies as a 4-index gather
+    rows = (dy[:, None] + _arange(h, x.device)[None, :])[:, None, :, None].expand(n, c, h, w + 2 * padding)
+    cols = (dx[:, None] + _arange(w, x.device)[None, :])[:, None, None, :].expand(n, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+def _flip(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def _cutout(x: torch.Tensor, length: int, cy: torch.Tensor, cx: torch.Tensor, span: str) -> torch.Tensor:
+    _, _, h, w = x.shape
+    half = length // 2
+    size = 2 * half if span == "authors" else length
+    ys = _arange(h, x.device)[None, :]
+    xs = _arange(w, x.device)[None, :]
+    in_y = (ys >= (cy - half)[:, None]) & (ys < (cy - half + size)[:, None])
+    in_x = (xs >= (cx - half)[:, None]) & (xs < (cx - half + size)[:, None])
+    hole = in_y[:, :, None] & in_x[:, None, :]
+    return x.masked_fill(hole[:, None, :, :], 0.0)
+
+
+def apply_augment(x: torch.Tensor, cfg: AugmentConfig, d: AugmentDraw) -> torch.Tensor:
+    """Crop, flip and Cutout a float batch with randomness drawn by :func:`draw_augment`."""
+    if d.dy is not None and d.dx is not None:
+        x = _crop(x, cfg.crop_padding, d.dy, d.dx)
+    if d.flip is not None:
+        x = _flip(x, d.flip)
+    if d.cy is not None and d.cx is not None:
+        x = _cutout(x, cfg.cutout, d.cy, d.cx, cfg.cutout_span)
+    return x
+
+
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Zero-pad by ``padding`` and crop back to the original size at a random offset per image."""
     if padding == 0:
         return x
-    n, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    n = x.shape[0]
     dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+    return _crop(x, padding, dy, dx)
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return _flip(x, torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5)
 
 
 def cutout(
@@ -70,22 +150,13 @@ def cutout(
     n, _, h, w = x.shape
     cy = torch.randint(0, h, (n,), device=x.device, generator=generator)
     cx = torch.randint(0, w, (n,), device=x.device, generator=generator)
-    half = length // 2
-    size = 2 * half if span == "authors" else length
-    ys = torch.arange(h, device=x.device)[None, :]
-    xs = torch.arange(w, device=x.device)[None, :]
-    in_y = (ys >= (cy - half)[:, None]) & (ys < (cy - half + size)[:, None])
-    in_x = (xs >= (cx - half)[:, None]) & (xs < (cx - half + size)[:, None])
-    hole = in_y[:, :, None] & in_x[:, None, :]
-    return x.masked_fill(hole[:, None, :, :], 0.0)
+    return _cutout(x, length, cy, cx, span)
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Crop, flip and Cutout a float batch, all as batched ops on the batch's device."""
-    x = random_crop(x, cfg.crop_padding, generator)
-    if cfg.flip:
-        x = random_flip(x, generator)
-    return cutout(x, cfg.cutout, generator, cfg.cutout_span)
+    n, _, h, w = x.shape
+    return apply_augment(x, cfg, draw_augment(n, h, w, cfg, x.device, generator))
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -174,11 +245,38 @@ class TensorLoader:
             return take
         cycle = self._new_paired_cycle()
         free = ~torch.isin(cycle, take)
-        # the first `rest` examples of the new cycle that this batch does not hold yet
+        # the first `rest` examples of the new cycle that this batch does not hold yet go
+        # first; a stable sort on "not one of them" orders the cycle without boolean-mask
+        # indexing, whose data-dependent size would stop the host at every wrap on a GPU
         head = free & (torch.cumsum(free, 0) <= rest)
-        self._paired_order = torch.cat([cycle[head], cycle[~head]])
+        self._paired_order = cycle[torch.argsort((~head).to(torch.uint8), stable=True)]
         self._paired_pos = rest
-        return torch.cat([take, cycle[head]])
+        return torch.cat([take, self._paired_order[:rest]])
+
+    def plan(self) -> list[tuple[torch.Tensor, AugmentDraw | None]]:
+        """One epoch's batches as ``(index, augmentation draw)``, all drawn now from the
+        loader's generator in exactly the order iterating the loader draws them (the
+        order, then per batch the paired examples and the augmentation), so an epoch
+        run from its plan sees the same examples, pixels and generator state."""
+        order = self.index
+        if self.shuffle:
+            order = order[torch.randperm(len(order), device=self.device, generator=self.generator)]
+        _, _, h, w = self.images.shape
+        batches = []
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.paired is not None and self.paired_batch_size > 0:
+                idx = torch.cat([idx, self._next_paired()])
+            draw = None
+            if self.augment is not None:
+                draw = draw_augment(len(idx), h, w, self.augment, self.device, self.generator)
+            batches.append((idx, draw))
+        return batches
+
+    def batch(self, idx: torch.Tensor, draw: AugmentDraw | None) -> torch.Tensor:
+        """The (augmented) float images of a planned batch."""
+        x = to_float(self.images[idx])
+        return apply_augment(x, self.augment, draw) if draw is not None and self.augment is not None else x
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = self.index
