@@ -409,10 +409,13 @@ def export_model(model: Classifier, out: str | os.PathLike, fmt: str = "torchscr
                 _export_torchscript(model, tmp, meta)
             else:
                 _export_onnx(model, tmp, meta)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; an exported model is meant to be shared
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        Path(tmp + ".data").unlink(missing_ok=True)  # ONNX weights, in case an exporter wrote them beside
     return out
 
 
@@ -438,7 +441,7 @@ def _export_onnx(model: Classifier, path: str, meta: str) -> None:
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
         torch.onnx.export(
             model.eval(), (example,), path, dynamo=True, input_names=["images"], output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, external_data=False,
         )
     proto = onnx.load(path)
     proto.metadata_props.add(key="abl", value=meta)
@@ -455,6 +458,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # as a plain open() would have made it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -18,7 +18,11 @@ message; invalid parameter values raise :class:`~abl.errors.ConfigError` from
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -256,7 +260,7 @@ class CIFAR10:
         _check_order_seed(self.order_seed)
 
     def _how(self) -> str:
-        return f"pass download: true or point root at CIFAR-10 ({CIFAR_LAYOUTS})"
+        return f"set dataset.root to a local copy of CIFAR-10 ({CIFAR_LAYOUTS}), or dataset.download: true to fetch it"
 
     def _locate(self, cache_dir: Path | None) -> tuple[str, Path]:
         if self.root is None and self.download:
@@ -308,13 +312,44 @@ def _download_cifar10(root: Path) -> None:
     import torchvision.datasets
 
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        torchvision.datasets.CIFAR10(str(root), train=True, download=True)  # fetches both splits
+        with _undo_failed_download(root):
+            root.mkdir(parents=True, exist_ok=True)
+            torchvision.datasets.CIFAR10(str(root), train=True, download=True)  # fetches both splits
     except Exception as exc:  # no network, disk full, bad checksum
         raise DataError(
-            f"downloading CIFAR-10 into '{root}' failed ({exc}); download "
+            f"downloading CIFAR-10 into '{root}' failed ({_first_line(exc)}); offline, set dataset.root to a local "
+            f"copy ({CIFAR_LAYOUTS}) and dataset.download: false, or download "
             f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz by hand and unpack it there"
         ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextlib.contextmanager
+def _undo_failed_download(root: Path) -> Iterator[None]:
+    """If the body raises, remove what it created: ``root`` and the folders above it that did
+    not exist, or else the new entries of an existing ``root``. An empty folder or a partial
+    archive left behind would otherwise be taken for the dataset by the next run."""
+    top = None
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        top, probe = probe, probe.parent
+    before = set(os.listdir(root)) if top is None and root.is_dir() else None
+    try:
+        yield
+    except BaseException:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        elif before is not None:
+            for name in set(os.listdir(root)) - before:
+                new = root / name
+                if new.is_dir() and not new.is_symlink():
+                    shutil.rmtree(new, ignore_errors=True)
+                else:
+                    new.unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------- gtsrb
@@ -454,12 +489,14 @@ def _download_gtsrb(root: Path) -> None:
     import torchvision.datasets
 
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        for split in ("train", "test"):
-            torchvision.datasets.GTSRB(str(root), split=split, download=True)
+        with _undo_failed_download(root):
+            root.mkdir(parents=True, exist_ok=True)
+            for split in ("train", "test"):
+                torchvision.datasets.GTSRB(str(root), split=split, download=True)
     except Exception as exc:  # no network, disk full, bad checksum
         raise DataError(
-            f"downloading GTSRB into '{root}' failed ({exc}); fetch GTSRB-Training_fixed.zip, "
+            f"downloading GTSRB into '{root}' failed ({_first_line(exc)}); offline, set dataset.root to a local "
+            "copy and dataset.download: false, or fetch GTSRB-Training_fixed.zip, "
             "GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip from https://benchmark.ini.rub.de/ "
             "and unpack them there"
         ) from None
