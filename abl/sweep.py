@@ -28,6 +28,9 @@ on one filesystem compute a shared stage once (see :mod:`abl.stages`). A cell th
 its stage locked by another gives its worker back at once ("busy") and is queued again
 behind the other cells, waiting on the lock only on its second attempt.
 
+A driver killed with SIGKILL cannot shut its local Ray down, and Ray's agents outlive it;
+the next ``abl sweep`` on the machine stops them (see :class:`RayProcessRecord`).
+
 Ray (Moritz et al., OSDI 2018) is an optional dependency: ``pip install -e ".[sweep]"``.
 """
 

@@ -294,6 +294,8 @@ def test_abl_without_unlearning_is_refused_unless_asked_for_by_name(tmp_path, ca
     assert rec.config["defense"]["unlearning"] == "none" and rec.config["defense"]["unlearning_epochs"] == 0
     with pytest.raises(ConfigError, match="must be 0 with unlearning: none, got 3"):
         load_experiment(cfg, ["defense.unlearning=none", "defense.unlearning_epochs=3"])
+    with pytest.raises(ConfigError, match="'defense.unlearner' must be null with unlearning: none"):
+        load_experiment(cfg, ["defense.unlearning=none", "defense.unlearning_epochs=0", "defense.unlearner={name: gga}"])
 
 
 def test_an_isolation_rate_that_isolates_no_example_is_refused_with_the_count(tmp_path, capsys):

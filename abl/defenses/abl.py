@@ -296,6 +296,7 @@ class ABL(Defense):
                 self.unlearning_epochs = 0
             check(self.unlearning_epochs == 0, "defense.unlearning_epochs",
                   f"must be 0 with unlearning: none, got {self.unlearning_epochs}")
+            check(self.unlearner is None, "defense.unlearner", "must be null with unlearning: none (no unlearning stage)")
         if "recovery_milestones" not in from_preset and self.recovery_epochs:  # a preset's fit its own length
             check_milestones(self.recovery_milestones, self.recovery_epochs, "defense.recovery_milestones")  # type: ignore[arg-type]
         for name in ("isolation_lr", "recovery_lr", "unlearning_lr"):
