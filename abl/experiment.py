@@ -25,7 +25,7 @@ from abl.defenses import DEFENSES, Defense
 from abl.engine import Engine, TrainConfig
 from abl.errors import ConfigError, DataError, StoreError
 from abl.models import MODELS
-from abl.stages import stage_dir_for
+from abl.stages import BackdoorSchedule, control_model, stage_dir_for
 from abl.store import RunRecord, RunStore
 
 PREVIEW = 64  # isolated images stored with a run for the report's picture grid
@@ -362,7 +362,8 @@ def _prepare(
         data = exp.attack.poison(splits.train, device)
         triggered = exp.attack.triggered_test(splits.test, device)
         # includes fitting an optimised trigger (or reading it from the cache)
-        attack_metrics = {"poison_s": time.perf_counter() - t_poison, **exp.attack.fit_metrics()}
+        attack_metrics = {"poison_s": time.perf_counter() - t_poison,
+                          "n_poison": float(int(data.poison_mask.sum())), **exp.attack.fit_metrics()}
     else:
         labels = splits.train.labels.to(device)
         data = PoisonedSet(
@@ -445,6 +446,34 @@ def resume_experiment(
     return _execute(exp, store, writer, prep, on_epoch, t_start=t_start, resume=ck)
 
 
+def control_schedule(defense: Defense) -> BackdoorSchedule:
+    """The training schedule of the clean-model control: the defense's own when it is a plain
+    training (``none``, ``clean``), else the no-defense schedule it names for its backdoored
+    model (``backdoor``, e.g. ABL's), else the paper's (appendix A.2)."""
+    fields = ("epochs", "lr", "milestones", "lr_factor", "augment")
+    if all(hasattr(defense, f) for f in fields):
+        return BackdoorSchedule(*(copy.deepcopy(getattr(defense, f)) for f in fields))
+    own = getattr(defense, "backdoor", None)
+    return own if isinstance(own, BackdoorSchedule) else BackdoorSchedule()
+
+
+def run_control(exp: Experiment, prep: _Prepared) -> dict[str, Any]:
+    """The clean-model control of ``attack.control`` (:func:`abl.stages.control_model`): a
+    model of the run's architecture and seed trained on the run's clean training set (before
+    poisoning, so without any poison, cross or negative example) with
+    :func:`control_schedule`, scored on the run's clean and triggered test sets."""
+    splits, device = prep.splits, prep.device
+    labels = splits.train.labels.to(device)
+    clean = PoisonedSet(splits.train.images.to(device), labels, labels.clone(),
+                        torch.zeros(len(labels), dtype=torch.bool, device=device))
+    with torch.random.fork_rng(devices=[]):  # the same initial weights as the run's model
+        torch.manual_seed(exp.seed)
+        model = exp.model.build(splits.num_classes, splits.image_size)
+    engine = Engine(model, clean, splits.test, prep.triggered, exp.train, seed=exp.seed)
+    engine.stage_dir = stage_dir_for(exp.output.cache_dir)
+    return control_model(engine, control_schedule(exp.defense))
+
+
 def _execute(
     exp: Experiment,
     store: RunStore,
@@ -486,8 +515,13 @@ def _execute(
         if resume is not None:
             engine.resume_from(resume)
         result = exp.defense.run(engine)
-        if engine.state.get("stages"):  # which cached stages it used or made, by key
-            writer.save_json("stages", engine.state["stages"])
+        stages = dict(engine.state.get("stages") or {})
+        control = None
+        if exp.attack is not None and exp.attack.control:
+            control = run_control(exp, prep)
+            stages["control"] = {"key": control["key"], "hit": control["hit"]}
+        if stages:  # which cached stages it used or made, by key
+            writer.save_json("stages", stages)
         if result.notes:  # e.g. the detector and unlearner an ABL run composed, resolved
             writer.save_json("notes", result.notes)
         if result.tensors:  # e.g. Neural Cleanse's reversed masks and patterns
@@ -507,5 +541,8 @@ def _execute(
             writer.save_tensors("model", {k: v.detach().cpu().contiguous() for k, v in engine.model.state_dict().items()})
         attack_metrics = prep.attack_metrics
         metrics = {"attack": attack_metrics, **result.metrics} if attack_metrics else result.metrics
+        if control is not None:
+            metrics["control"] = {**control["metrics"], "stage_hit": float(control["hit"])}
+            metrics.setdefault("final", {})["control_asr"] = control["metrics"]["asr"]
         writer.finish(metrics, wall_s=elapsed_before + time.perf_counter() - t_start)
     return store.get(writer.run_id)

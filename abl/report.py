@@ -40,7 +40,7 @@ from abl.store import FINISHED, RunRecord, RunStore
 MISSING = "–"
 RATE_METRICS = ("clean_acc", "clean_acc_nontarget", "asr", "robust_acc", "iso_precision", "iso_recall", "iso_auprc",
                 "iso_top_label_share", "iso_fit_before", "iso_fit_after", "iso_heldout_fit_before",
-                "iso_heldout_fit_after", "fit_clean_acc", "fit_backdoor_acc", "fit_cross_acc")
+                "iso_heldout_fit_after", "fit_clean_acc", "fit_backdoor_acc", "fit_cross_acc", "control_asr")
 METRIC_LABELS = {
     "clean_acc": "CA",
     "asr": "ASR",
@@ -66,6 +66,9 @@ METRIC_LABELS = {
     "iso_auprc": "Isolation AUPRC",
     "stage_hit": "Stage from cache",
     "stage_load_s": "Stage load time",
+    "control_asr": "ASR (clean model)",
+    "n_poison": "Poisoned examples",
+    "removed": "Examples removed",
 }
 DEFAULT_COLUMNS = ["run", "dataset", "model", "attack", "defense", "status",
                    "clean_acc", "asr", "robust_acc", "iso_precision", "iso_recall", "wall_s"]
@@ -82,7 +85,7 @@ _UNKNOWN_RGB = (128, 128, 128)
 # any other number with two decimals.
 
 #: metrics that count something (shown as integers)
-COUNT_METRICS = ("iso_count", "iso_heldout_count", "unlearn_epochs_run", "unlearn_epoch_kept")
+COUNT_METRICS = ("iso_count", "iso_heldout_count", "unlearn_epochs_run", "unlearn_epoch_kept", "n_poison", "removed")
 #: metrics that are 0/1 flags (shown as yes / no)
 FLAG_METRICS = ("iso_weak", "unlearn_weak", "stage_hit")
 
@@ -158,6 +161,8 @@ def _column(key: str, markdown: bool = True) -> _Column:
         "status": _Column("status", lambda r: r.status),
         "seed": _Column("seed", lambda r: MISSING if r.seed is None else str(r.seed)),
         "wall_s": _Column("wall time", _finished_only(lambda r: fmt_seconds(r.wall_s))),
+        # the attack phase's count (a failed run has no metrics: –)
+        "n_poison": _Column("poisons", lambda r: fmt_metric("n_poison", (r.metrics.get("attack") or {}).get("n_poison"))),
     }
     if key in fixed:
         return fixed[key]
@@ -185,9 +190,9 @@ def runs_table(records: list[RunRecord], columns: list[str] | None = None) -> st
 #: the terminal table's columns: the ones that matter within ``WIDTH`` characters
 TERMINAL_COLUMNS = ["run", "attack", "defense", "clean_acc", "asr", "iso_precision", "iso_recall", "status"]
 #: ``--wide``: every column
-WIDE_COLUMNS = ["run", "dataset", "model", "attack", "defense", "seed", "clean_acc", "asr", "robust_acc",
-                "iso_precision", "iso_recall", "wall_s", "status"]
-SHORT_LABELS = {"iso_precision": "iso prec", "iso_recall": "iso rec"}
+WIDE_COLUMNS = ["run", "dataset", "model", "attack", "defense", "seed", "n_poison", "clean_acc", "asr", "control_asr",
+                "robust_acc", "iso_precision", "iso_recall", "wall_s", "status"]
+SHORT_LABELS = {"iso_precision": "iso prec", "iso_recall": "iso rec", "control_asr": "ASR clean model"}
 #: columns whose text may be cut (with …) to fit the width; the run id last (a prefix of it
 #: still names the run for ``abl report`` and ``abl resume``)
 _SHRINKABLE = ("attack", "defense", "dataset", "model", "run")

@@ -235,3 +235,37 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise StoreError(f"cached stage '{path}' is unreadable ({exc}); delete it and run again") from None
     return weights, meta
+
+
+def control_model(engine: Engine, schedule: BackdoorSchedule) -> dict[str, Any]:
+    """The clean-model control (issue 24): train ``engine.model`` with ``schedule`` (phase
+    ``control``) on ``engine.data``, the clean training set without any poison, or read it
+    from the stage cache, then evaluate it on the engine's clean and triggered test sets.
+
+    The key covers the clean images and labels, the initial weights, the schedule and the
+    engine settings, but not the attack: every attack and rate on one dataset slice, model
+    and schedule shares one control model, and only its evaluation (the attack's trigger on
+    the test set) is per run. Removing each run's own poisons instead would make one model
+    per attack and rate; the oracle that does that is the ``clean`` defense.
+
+    Returns ``{"key", "hit", "metrics"}``; ``metrics`` holds ``clean_acc`` and ``asr``.
+    """
+    spec = {"schedule": asdict(schedule)}
+    key = stage_key("control", engine, spec)
+    path = stage_path(engine, "control", key)
+    hit, lock = claim_stage(path)
+    try:
+        if hit:
+            assert path is not None
+            weights, _ = _read(path)
+            engine.model.load_state_dict(weights)
+        else:
+            engine.run_phase("control", epochs=schedule.epochs, lr=schedule.lr, milestones=schedule.milestones,
+                             lr_factor=schedule.lr_factor, augment=AugmentConfig() if schedule.augment else None)
+            if path is not None:
+                _write(path, engine.model.state_dict(), {"spec": spec, "engine": _engine_settings(engine)})
+    finally:
+        if lock is not None:
+            lock.release()
+    metrics = engine.evaluate(full=True)
+    return {"key": key, "hit": hit, "metrics": {k: float(metrics[k]) for k in ("clean_acc", "asr") if k in metrics}}

@@ -27,7 +27,7 @@ ATTACK_SPECS = {
     # than exist) gets PGD
     # (16/255) against the same clean surrogate as TrojanNN (trained once), then the grid in
     # four corners; with one corner the slice learns it at 0.2% ASR only (benchmarks/README.md).
-    "cl": {"name": "cl", "rate": 1.0, "target": 0, "surrogate_epochs": 10, "corners": 4},
+    "cl": {"name": "cl", "rate": 1.0, "rate_of": "target_class", "target": 0, "surrogate_epochs": 10, "corners": 4},
     # Input-aware triggers from generators trained here (narrower and shorter than the
     # authors' 32-wide, 25 + 600 epochs, to fit the CPU); the victim trains from scratch.
     "dynamic": {

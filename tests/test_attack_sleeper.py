@@ -11,7 +11,7 @@ from abl.attacks.sleeper import gradient_norms, shift_flip
 from abl.errors import ConfigError
 
 # the authors' 8-pixel patch on 32-pixel images is 4 pixels on the 16-pixel digits
-SPEC = {"name": "sleeper_agent", "rate": 1.0, "target": 0, "source": 1, "steps": 40, "retrains": 0,
+SPEC = {"name": "sleeper_agent", "rate": 1.0, "rate_of": "target_class", "target": 0, "source": 1, "steps": 40, "retrains": 0,
         "surrogate_model": "small_cnn", "surrogate_epochs": 10, "patch_size": 4, "augment": False}
 
 
@@ -36,7 +36,7 @@ def test_crafting_aligns_the_poisons_gradient_and_stays_clean_label(digits16, tm
     diff = (data.images[poisoned].float() - digits16.images[poisoned].float()).abs().max() / 255
     assert 0 < float(diff) <= 16 / 255 + 1 / 255, "perturbed within the budget (and uint8 rounding)"
     # cached apart from feature collision's poisons of the same settings
-    fc_keys = ("rate", "target", "source", "steps", "surrogate_model", "surrogate_epochs", "patch_size")
+    fc_keys = ("rate", "rate_of", "target", "source", "steps", "surrogate_model", "surrogate_epochs", "patch_size")
     fc = ATTACKS.create({**{k: SPEC[k] for k in fc_keys}, "name": "fc", "cache_dir": str(tmp_path)})
     fc.setup(16, 10)
     fc_data = fc.poison(digits16)

@@ -49,15 +49,15 @@ def split(n: int = 600, seed: int = 0) -> ImageSplit:
 
 
 @pytest.mark.parametrize("name", ["sig", "cl", "fc"])
-def test_clean_label_rate_counts_within_the_target_class(name):
+def test_clean_label_rate_counts_within_the_target_class_when_asked(name):
     labels = torch.arange(600) % 10
-    attack = ATTACKS.create({"name": name, "rate": 0.1, "target": 2})
-    assert attack.clean_label and attack.rate_of == "target_class"
+    attack = ATTACKS.create({"name": name, "rate": 0.1, "target": 2, "rate_of": "target_class"})
+    assert attack.clean_label
     mask = attack.select(labels)
     assert int(mask.sum()) == 6 and bool((labels[mask] == 2).all())  # 10% of 60
-    whole = ATTACKS.create({"name": name, "rate": 0.1, "target": 2, "rate_of": "dataset"})
-    assert int(whole.select(labels).sum()) == 60  # 10% of 600: every target-class image
-    every = ATTACKS.create({"name": name, "rate": 1.0, "target": 2})
+    whole = ATTACKS.create({"name": name, "rate": 0.1, "target": 2})  # the default: a share of the set
+    assert whole.rate_of == "dataset" and int(whole.select(labels).sum()) == 60  # 10% of 600: every class-2 image
+    every = ATTACKS.create({"name": name, "rate": 1.0, "target": 2, "rate_of": "target_class"})
     assert torch.equal(every.select(labels), labels == 2)
 
 
@@ -70,9 +70,9 @@ def test_rate_of_is_validated_and_recorded():
     with pytest.raises(ConfigError, match="attack.rate_of"):
         ATTACKS.create({"name": "sig", "rate_of": "class"})
     with pytest.raises(ConfigError, match="no example of 6 target-class"):
-        ATTACKS.create({"name": "sig", "rate": 0.01}).select(torch.arange(60) % 10)
+        ATTACKS.create({"name": "sig", "rate": 0.01, "rate_of": "target_class"}).select(torch.arange(60) % 10)
     plain = to_plain(ATTACKS.create({"name": "sig"}))
-    assert plain["rate_of"] == "target_class" and plain["poison_candidates"] == "non_target"
+    assert plain["rate_of"] == "dataset" and plain["poison_candidates"] == "non_target"
 
 
 # ------------------------------------------------------------------ poison_candidates

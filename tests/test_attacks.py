@@ -20,8 +20,8 @@ FAST_SURROGATE = {"surrogate_model": "small_cnn", "surrogate_epochs": 1}
 # attack-specific knobs that only cut the cost of fitting (the contract is about shapes)
 FAST_FIT = {"dynamic": {"mask_epochs": 1, "generator_width": 8}, "sleeper_agent": {"steps": 3, "retrains": 1}, "lba": {"steps": 5},
             "dfst": {"style_steps": 3, "detox_steps": 2, "style_images": 8}}
-# rate as a fraction of the whole training set for every attack (clean-label attacks
-# default to a fraction of the target class; tests/test_attack_variants.py covers that)
+# rate as a fraction of the whole training set for every attack, named (the default since
+# issue 24; rate_of: target_class is covered by tests/test_attack_variants.py)
 WHOLE_SET = {name: {"rate_of": "dataset"} if ATTACKS.get(name).clean_label else {} for name in ATTACKS.names()}
 
 

@@ -34,18 +34,27 @@ class Attack:
 
     Parameters (shared by every attack):
         rate: fraction of the examples named by ``rate_of`` that is poisoned (0.1 in the
-            ABL paper).
+            ABL paper). With the default ``rate_of: dataset`` it is the share of the whole
+            training set for every attack, so ``rate`` 0.1 poisons the same number of
+            images whichever attack it is (issue 24).
         target: the target label (0 for CIFAR-10 and ImageNet, 1 for GTSRB in the paper).
         labelling: ``all2one`` relabels poisoned examples to ``target``; ``all2all``
             relabels class ``y`` to ``(y + 1) mod C``.
         seed: seeds the choice of poisoned examples (and any random trigger).
-        rate_of: what ``rate`` is a fraction of: ``dataset`` (the whole training set) or
-            ``target_class`` (the target-class training images; clean-label attacks only,
-            where it is their default, see :class:`CleanLabelAttack`).
+        rate_of: what ``rate`` is a fraction of: ``dataset`` (default: the whole training
+            set) or ``target_class`` (the target-class training images; clean-label attacks
+            only, see :class:`CleanLabelAttack`).
         poison_candidates: which images an all-to-one dirty-label attack may poison:
             ``non_target`` (ours: every poisoned image changes label) or ``all``
             (the authors' code, bboylyg/ABL at 3fd736c, draws from every class, so some
             poisoned images are target-class images that keep their label).
+        control: also train a model on the clean training set (no poisons; the same model,
+            schedule and data order) and record the ASR of this attack's test-time trigger
+            on it beside the run's ASR (``control_asr``): how much of the ASR the trigger
+            gets from a clean model's own mistakes. Costs one training per dataset, model
+            and schedule, shared by every attack and rate through the stage cache. The
+            schedule is the defense's own for ``none``/``clean``, else the no-defense
+            ``backdoor`` schedule it names (ABL's: the paper's 100 epochs unless set).
     """
 
     rate: float = 0.1
@@ -54,6 +63,7 @@ class Attack:
     seed: int = 0
     rate_of: Literal["dataset", "target_class"] = "dataset"
     poison_candidates: Literal["non_target", "all"] = "non_target"
+    control: bool = False
 
     #: clean-label attacks poison only target-class images and keep every label.
     clean_label: ClassVar[bool] = False
@@ -131,6 +141,12 @@ class Attack:
         # rate_of=target_class: clean-label candidates are exactly the target class.
         base = len(candidates) if self.rate_of == "target_class" else len(labels)
         n_poison = int(round(self.rate * base))
+        if n_poison > len(candidates) and self.clean_label and self.rate_of == "dataset":
+            raise ConfigError(
+                f"'attack.rate' {self.rate} of the {len(labels)} training images needs {n_poison} target-class "
+                f"images but class {self.target} holds {len(candidates)}; lower attack.rate (at most "
+                f"{len(candidates) / len(labels):.4g}) or set attack.rate_of: target_class (rate as a share of the class)"
+            )
         if n_poison > len(candidates):
             raise ConfigError(
                 f"'attack.rate' {self.rate} asks for {n_poison} poisoned examples but only "
@@ -208,17 +224,22 @@ class Attack:
 @dataclass
 class CleanLabelAttack(Attack):
     """Base of the clean-label attacks: they poison target-class images only and keep
-    every label, and by default count ``rate`` within the target class.
+    every label.
 
     Parameters:
-        rate_of: ``target_class`` (default): ``rate`` is a fraction of the target-class
-            training images, as in the authors' clean-label code (bboylyg/ABL at 3fd736c),
-            Turner et al. (2019) and Barni et al. (2019); ``dataset``: a fraction of the
-            whole training set (this project's earlier meaning; 0.1 on CIFAR-10 is every
-            target-class image).
-    """
+        rate_of: ``dataset`` (default, as every attack): ``rate`` is a share of the whole
+            training set, met with as many target-class images as it needs (an error names
+            the count when the class holds too few; 0.1 on CIFAR-10 is every class-0
+            image); ``target_class``: a share of the target-class training images, as in
+            the authors' clean-label code (bboylyg/ABL at 3fd736c), Turner et al. (2019)
+            and Barni et al. (2019).
 
-    rate_of: Literal["dataset", "target_class"] = "target_class"
+    History: ``dataset`` was the only meaning until 2026-11-26, ``target_class`` the
+    clean-label default from then until issue 24. Runs stored since 2026-11-26 record
+    ``rate_of`` in their config.yaml (the resolved config holds every field), so they resume
+    and rerun with the meaning they were made with; a stored config without ``rate_of``
+    predates it and meant ``dataset``, the default again.
+    """
 
     clean_label: ClassVar[bool] = True
 

@@ -47,7 +47,7 @@ class LabelConsistent(surrogate.SurrogateParams, CleanLabelAttack):
     ``~/.cache/abl``); :meth:`artefacts` returns the perturbed images (before the trigger)
     and their indices once poisoned.
 
-    ``rate`` counts within the target class unless ``rate_of: dataset``
+    ``rate`` is a share of the whole training set unless ``rate_of: target_class``
     (:class:`~abl.attacks.base.CleanLabelAttack`).
 
     Parameters:
@@ -62,7 +62,7 @@ class LabelConsistent(surrogate.SurrogateParams, CleanLabelAttack):
 
     Example::
 
-        ATTACKS.create({"name": "cl", "rate": 0.25, "target": 0, "eps": 16 / 255})  # 1/4 of class 0
+        ATTACKS.create({"name": "cl", "rate": 0.25, "rate_of": "target_class", "target": 0, "eps": 16 / 255})  # 1/4 of class 0
     """
 
     eps: float = 16 / 255

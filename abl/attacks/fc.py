@@ -52,7 +52,7 @@ class FeatureCollision(surrogate.SurrogateParams, CleanLabelAttack):
     returns the trigger and, once poisoned, the perturbed images, their indices and the
     indices of their paired source images.
 
-    ``rate`` counts within the target class unless ``rate_of: dataset``
+    ``rate`` is a share of the whole training set unless ``rate_of: target_class``
     (:class:`~abl.attacks.base.CleanLabelAttack`).
 
     Parameters:
@@ -71,7 +71,7 @@ class FeatureCollision(surrogate.SurrogateParams, CleanLabelAttack):
 
     Example::
 
-        ATTACKS.create({"name": "fc", "rate": 0.5, "target": 0, "source": 1})  # half of class 0
+        ATTACKS.create({"name": "fc", "rate": 0.5, "rate_of": "target_class", "target": 0, "source": 1})  # half of class 0
     """
 
     #: the name its perturbed sets are cached under (a subclass crafting them otherwise

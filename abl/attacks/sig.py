@@ -20,7 +20,7 @@ from abl.errors import DataError
 @dataclass
 class SIG(CleanLabelAttack):
     """Sinusoidal signal backdoor, clean-label: only target-class images carry it
-    (``rate`` counts within the target class unless ``rate_of: dataset``).
+    (``rate`` is a share of the whole training set unless ``rate_of: target_class``).
 
     ``mode: additive`` (default): ``x' = clip(x + v)`` with ``v[i, j] = delta * sin(2 pi j f / m)``
     on the 0-255 scale (``m`` the image width), the same on every row and channel.
@@ -40,7 +40,8 @@ class SIG(CleanLabelAttack):
 
     Example::
 
-        ATTACKS.create({"name": "sig", "rate": 0.1, "target": 0})  # 10% of class 0
+        ATTACKS.create({"name": "sig", "rate": 0.01, "target": 0})  # 1% of the set, all class 0
+        ATTACKS.create({"name": "sig", "rate": 0.1, "rate_of": "target_class"})  # 10% of class 0
     """
 
     delta: float = 20.0
