@@ -561,6 +561,24 @@ def _slots(resources: Mapping[str, float], cpus: float, gpus: float) -> int:
     return max(1, min(counts)) if counts else 0
 
 
+def check_gpu_share(resources: Mapping[str, float], gpus_per_run: float, cells: list[Cell]) -> None:
+    """Refuse a sweep that would train on the CPU of a cluster with GPUs: Ray hides the
+    GPUs from a task that asks for none, so with ``--gpus-per-run 0`` every cell whose
+    ``train.device`` is not ``cpu`` would fall back to the CPU without a word. A grid that
+    sets ``train.device: cpu`` trains there on purpose and runs."""
+    gpus = float(resources.get("GPU", 0) or 0)
+    if gpus <= 0 or gpus_per_run > 0:
+        return
+    on_gpu = [c for c in cells if str((c.raw.get("train") or {}).get("device", "auto")) != "cpu"]
+    if on_gpu:
+        raise AblError(
+            f"the Ray cluster has {gpus:g} GPU{'' if gpus == 1 else 's'} but --gpus-per-run is 0, so Ray would hide "
+            f"them and {len(on_gpu)} cell{'' if len(on_gpu) == 1 else 's'} would train on the CPU; give each cell a "
+            "share (--gpus-per-run 1, or 0.25 for four small runs per GPU) or train on the CPU on purpose with "
+            "--set train.device=cpu"
+        )
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -615,10 +633,17 @@ def run_sweep(
             if record is not None:
                 record.start()
         try:
-            task = ray.remote(run_cell).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
+            resources = ray.cluster_resources()
+            check_gpu_share(resources, gpus_per_run, pending)
+            # max_calls=1 on a GPU: a fresh worker per cell, so no CUDA context (and its
+            # memory) outlives its cell in a reused worker bound to another GPU; CPU cells
+            # keep reusing workers (no context to leak, and torch imports once per worker).
+            # In ray.remote itself: Ray ignores max_calls given to .options()
+            task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0,
+                              max_calls=1 if gpus_per_run > 0 else 0)(run_cell)
             work_root = (Path(runs_dir) / WORK_DIR).absolute()
             info = {"grid": grid.name}
-            limit = max_concurrent or _slots(ray.cluster_resources(), cpus_per_run, gpus_per_run) or len(pending)
+            limit = max_concurrent or _slots(resources, cpus_per_run, gpus_per_run) or len(pending)
             queue = list(pending)
             inflight: dict[Any, tuple[Cell, float]] = {}
             durations: list[float] = []

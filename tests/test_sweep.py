@@ -105,6 +105,65 @@ def test_without_ray_the_sweep_says_how_to_install_it(tmp_path, monkeypatch):
         run_sweep(grid, tmp_path / "runs", progress=lambda _: None)
 
 
+@pytest.mark.xdist_group("ray")
+def test_a_cluster_with_a_gpu_and_no_gpu_share_stops_instead_of_training_on_the_cpu(tmp_path):
+    """Ray hides the GPUs from a task that asks for none: on a cluster with a GPU (faked:
+    ``ray.init(num_gpus=1)`` on this CPU machine) a sweep without --gpus-per-run says so and
+    stops before any cell runs."""
+    import ray
+
+    from abl.sweep import check_gpu_share
+
+    grid = load_grid(_grid_file(tmp_path))
+    ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, object_store_memory=128 * 1024**2)
+    try:
+        assert ray.cluster_resources().get("GPU") == 1
+        with pytest.raises(AblError, match=r"has 1 GPU but --gpus-per-run is 0.*4 cells would train on the CPU") as err:
+            run_sweep(grid, tmp_path / "runs", progress=lambda _: None)
+        assert "\n" not in str(err.value)
+        assert not (tmp_path / "runs").exists() or not RunStore(tmp_path / "runs").list_runs(), "nothing ran"
+    finally:
+        ray.shutdown()
+    cells = grid.cells()
+    check_gpu_share({"CPU": 2.0}, 0.0, cells)  # no GPU: the CPU is all there is
+    check_gpu_share({"CPU": 2.0, "GPU": 1.0}, 0.25, cells)  # a share asked for
+    on_cpu = load_grid(_grid_file(tmp_path), overrides=["train.device=cpu"]).cells()
+    check_gpu_share({"CPU": 2.0, "GPU": 1.0}, 0.0, on_cpu)  # the CPU on purpose
+
+
+def test_cells_starting_together_decode_a_dataset_once(tmp_path):
+    """Runs that load the same uncached dataset at once (cells on one node) decode it once:
+    the first decodes and writes under the cache's lock, the others wait and read it."""
+    import torch
+
+    from abl.data import cache
+    from abl.data.types import DatasetSplits, ImageSplit
+
+    decodes = []
+    start = threading.Barrier(3)
+
+    def build():
+        decodes.append(threading.get_ident())
+        time.sleep(0.5)  # a slow decode: the others arrive while it runs
+        split = ImageSplit(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))
+        return DatasetSplits("toy", split, split, 2, ["a", "b"])
+
+    results = []
+
+    def load():
+        start.wait()
+        results.append(cache.load_cached("toy", {"v": 1}, ["fp"], build, tmp_path))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 3 and all(torch.equal(r.train.labels, results[0].train.labels) for r in results)
+    assert len(decodes) == 1, f"decoded {len(decodes)} times"
+
+
 # -- tables ------------------------------------------------------------------------------------
 
 

@@ -11,19 +11,22 @@ A cache file is an uncompressed ``.npz`` (read with ``allow_pickle=False``) name
   much as a warm read of the data; decoding costs far more.
 
 Files are written to a temporary name and moved into place with :func:`os.replace`,
-so a crash never leaves a half-written file under the final name. A cache file that
+so a crash never leaves a half-written file under the final name. The decode and write
+happen under an advisory lock on ``<file>.lock``, so runs that start together on one
+machine (the cells of ``abl sweep``) decode a dataset once: the others wait and read it. A cache file that
 cannot be read or fails the checks is ignored (with a warning) and rebuilt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -251,10 +254,46 @@ def load_cached(
         except Exception as exc:  # corrupt, truncated or foreign file: rebuild it
             warnings.warn(f"ignoring unreadable dataset cache '{path}' ({_why_unreadable(exc)}); rebuilding it",
                           stacklevel=3)
-    splits = _decode_noting_delay(name, path, build)
-    try:
-        write_splits(path, splits)
-        _remove_stale(path)
-    except OSError as exc:
-        warnings.warn(f"could not write dataset cache '{path}': {exc}", stacklevel=3)
+    with _decode_lock(path):
+        if path.is_file():  # another run wrote it while this one waited for the lock
+            try:
+                return read_splits(path, name)
+            except Exception:  # noqa: BLE001 - the file this run found unreadable: rebuild it
+                pass
+        splits = _decode_noting_delay(name, path, build)
+        try:
+            write_splits(path, splits)
+            _remove_stale(path)
+        except OSError as exc:
+            warnings.warn(f"could not write dataset cache '{path}': {exc}", stacklevel=3)
     return splits
+
+
+@contextlib.contextmanager
+def _decode_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<path>.lock`` while a dataset is decoded and written
+    (dropped by the kernel if the process dies). Where it cannot be taken (no ``fcntl``,
+    a read-only cache folder) it locks nothing: the decode just is not shared.
+
+    Once the cache file is written the lock file goes: a run that opened it before still
+    gets the lock and then finds the file, and later runs read the file without locking."""
+    fd = None
+    lock = path.with_name(path.name + ".lock")
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        if fd is not None:
+            os.close(fd)
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            if path.is_file():
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+            os.close(fd)
