@@ -17,7 +17,7 @@ else
 fi
 source benchmarks/device/common.sh
 ABL="python3 -m abl.cli run --set dataset.root=$ROOT --set dataset.download=false --set defense={'name':'abl'}
-     --set defense.recovery_epochs=0 --set defense.recovery_milestones=[] --set defense.unlearning_epochs=0
+     --set defense.recovery_epochs=0 --set defense.recovery_milestones=[] --set defense.unlearning=none
      --set train.threads=1 --set train.eval_every=5 --set output.save_model=false $SET"
 for a in blend trojan sig cba lba dfst; do
   extra=""
