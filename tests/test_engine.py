@@ -184,3 +184,33 @@ def test_phase_smoothing_changes_the_objective_not_the_loss_record(digits_poison
     assert torch.allclose(records[0][1], records[1][1]), "the loss record is plain cross-entropy"
     assert not torch.allclose(records[0][0], records[1][0]), "the objective sees the smoothed loss"
     assert torch.allclose(records[1][0], records[2][0]), "one value or one per example: the same"
+
+
+def test_the_plain_loss_of_the_smoothing_pass_is_torchs_cross_entropy_bit_for_bit():
+    from abl.engine import _smoothed_and_plain
+
+    torch.manual_seed(1)
+    logits, y = torch.randn(64, 10) * 4, torch.randint(0, 10, (64,))
+    smoothed, plain = _smoothed_and_plain(logits, y, 0.3)
+    assert torch.equal(plain, F.cross_entropy(logits, y, reduction="none"))
+    assert torch.allclose(smoothed, F.cross_entropy(logits, y, label_smoothing=0.3, reduction="none"), atol=1e-6)
+
+
+def test_checkpoints_get_the_loss_record_without_copying_it(digits_poisoned):
+    """The record grows in a buffer reserved a phase at a time: each checkpoint (here one
+    per epoch) is handed a view of it, never a re-stacked copy of every epoch so far."""
+    engine = make_engine(digits_poisoned, eval_every=0, checkpoint_every_s=0)
+    written = []
+    engine.enable_checkpoints(lambda st: written.append(st["example_losses"]))
+    subset = torch.arange(0, len(engine.data), 2)
+    engine.run_phase("a", epochs=3, lr=0.05, index=subset)
+    engine.run_phase("b", epochs=2, lr=0.05)
+    assert [len(w) for w in written] == [1, 2, 3, 4, 5]
+    final = engine.loss_matrix()
+    assert final.shape == (5, len(engine.data))
+    phase_a = written[:3]
+    assert len({w.untyped_storage().data_ptr() for w in phase_a}) == 1, "one buffer within a phase"
+    assert phase_a[0].untyped_storage().data_ptr() == phase_a[2].untyped_storage().data_ptr()
+    assert all(torch.equal(w.nan_to_num(-1), final[: len(w)].nan_to_num(-1)) for w in written), "earlier rows never change"
+    assert bool(final[:3, 1::2].isnan().all()) and bool(final[3:].isfinite().all())
+    assert [t.shape for t in engine.example_losses] == [(len(engine.data),)] * 5
