@@ -188,6 +188,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     ctx = Context(args.scale, parse_roots(args.root), args.trojan_trigger and str(Path(args.trojan_trigger).absolute()))
     if ctx.trojan_trigger and not Path(ctx.trojan_trigger).is_file():
         raise AblError(f"--trojan-trigger '{args.trojan_trigger}' is not a file")
+    if args.dry_run:
+        from abl.reproduce import describe
+
+        print("\n".join(describe(args.table, args.scale, ctx, args.rows, args.cols, args.seeds, args.set)))
+        return 0
     import shlex
 
     command = "abl " + shlex.join(args.argv)
@@ -276,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("reproduce", help="run one of the paper's appendix tables or figures and write it beside the paper's numbers")
-    p.add_argument("table", help="table6, table7, table8, table10, table11, figure6, figure7, figure8 or figure9; "
-                   "`list` shows them and what is missing")
+    p.add_argument("table", help="table6, table7, table8, table10, table11, figure6, figure7, figure8, figure9 or "
+                   "matrix (every attack x rate x defense, issue 24); `list` shows them and what is missing")
     p.add_argument("--scale", choices=["slice", "full"], default="slice", help="slice: 5,000 CIFAR-10 images and "
                    "shortened schedules, minutes per cell on a CPU; full: the paper's setting (default: slice)")
     p.add_argument("--root", action="append", default=[], metavar="DATASET=PATH", help="where a dataset is (cifar10, "
@@ -287,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cols", nargs="+", help="run only these columns of the table (e.g. BadNets)")
     p.add_argument("--runs-dir", default="runs", help="results folder (default: runs)")
     p.add_argument("--out", default="reproduce", help="folder for the Markdown table and the figure (default: reproduce)")
+    p.add_argument("--dry-run", action="store_true", help="print each cell (or why it is not run) and run nothing")
     _sweep_args(p)
     p.set_defaults(func=_cmd_reproduce)
 

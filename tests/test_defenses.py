@@ -17,6 +17,7 @@ from abl.models import MODELS
 # contract test below, so every new defense gets the same checks.
 SHORT = {
     "none": {"epochs": 3, "lr": 0.05},
+    "clean": {"epochs": 3, "lr": 0.05},
     "detect": {"backdoor": {"epochs": 2, "lr": 0.05}, "detector": {"name": "spectral_signatures"}, "rate": 0.05},
     "fine_pruning": {"backdoor": {"epochs": 2, "lr": 0.05}, "epochs": 1},
     "neural_cleanse": {"backdoor": {"epochs": 2, "lr": 0.05}, "steps": 2, "batches_per_step": 2},

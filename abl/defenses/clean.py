@@ -42,6 +42,6 @@ class CleanTraining(NoDefense):
             index=keep,
             augment=AugmentConfig() if self.augment else None,
         )
-        final = phase_metrics(engine)
-        final["removed"] = float(len(engine.data) - len(keep))
-        return DefenseResult(metrics={"final": final})
+        # the count under its own phase: "final" holds rates only, as every defense's
+        return DefenseResult(metrics={"clean": {"removed": float(len(engine.data) - len(keep))},
+                                      "final": phase_metrics(engine)})
