@@ -20,6 +20,11 @@ Scales:
   (lr /10 at 6), 20-epoch unlearning or fine-tuning becomes 5, 100-epoch trainings 23 (lr
   /10 at 16). Nothing else changes. Numbers at this scale are not the paper's and are not
   meant to match it; they show whether each part does its job on little data.
+
+``matrix`` is not a paper table: the threat matrix of issue 24 (every attack x poisoning rate
+x defense none / clean / default ABL, with the clean-model control), ours only, at the CPU
+slice schedule shared with the tests (``slice``) or the paper's 100-epoch baseline and the
+default preset (``full``); see :func:`_matrix`.
 """
 
 from __future__ import annotations

@@ -120,3 +120,17 @@ def test_the_matrix_table_shows_each_column_and_marks_cells_not_run(tmp_path):
     assert rows[("SIG", "5%", "abl")][-1] == "not run: boom: class 0 holds too few"
     assert rows[("SIG", "20%", "none")][-1].startswith("not run: SIG is clean-label")
     assert stats["BadNets/5% clean"]["asr"] is not None
+
+
+def test_table10_records_the_clean_model_control_from_one_model_for_the_whole_table():
+    spec, entries, grid = plan("table10", "slice", Context("slice", {}, TROJAN))
+    cells = grid.cells(threads=1)
+    assert cells and all(c.raw["attack"]["control"] is True for c in cells)
+    baseline = next(c.raw["defense"] for c in cells if c.raw["defense"]["name"] == "none")
+    for c in cells:
+        if c.raw["defense"]["name"] == "abl":  # ABL's control schedule is the baseline's
+            assert c.raw["defense"]["backdoor"] == {k: v for k, v in baseline.items() if k != "name"}
+    from types import SimpleNamespace
+
+    runs = [SimpleNamespace(final_metrics={"control_asr": 0.25}), SimpleNamespace(final_metrics={"control_asr": 0.5})]
+    assert spec.columns(runs) == {"ASR (clean model)": "37.50"} and spec.columns([]) == {}
