@@ -181,7 +181,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     if args.table == "list":
         for name, spec in TABLES.items():
-            print(f"{name}: {spec.title} ({spec.source}){' [figure: our numbers and the plot]' if spec.figure else ''}")
+            tag = " [ours only: no paper numbers]" if spec.render else " [figure: our numbers and the plot]" if spec.figure else ""
+            print(f"{name}: {spec.title} ({spec.source}){tag}")
         for name, why in TABLES_MISSING.items():
             print(f"{name}: not in abl reproduce yet; {why}")
         return 0

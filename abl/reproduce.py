@@ -642,7 +642,7 @@ TABLES: dict[str, TableSpec] = {
                          "Li et al., NeurIPS 2021, appendix B.6, Figure 9 (CIFAR-10, 10% poisoning)", ("asr", "clean_acc"),
                          "isolation", "attack", _figure9, figure=True, draw=_draw_grouped),
     "matrix": TableSpec("matrix", "Threat matrix: attacks x poisoning rates x defenses (none, clean oracle, default ABL)",
-                        "issue 24 (no paper numbers: ours only)", ("clean_acc", "asr", "control_asr"), "attack",
+                        "issue 24 of this project", ("clean_acc", "asr", "control_asr"), "attack",
                         "rate and defense", _matrix, figure=True, draw=_no_figure, render=render_matrix),
 }
 

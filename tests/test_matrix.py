@@ -78,6 +78,9 @@ def test_reproduce_matrix_dry_run_prints_every_cell_and_why_some_are_not_run(cap
     assert any(line.startswith("SIG/20% none: not run: SIG is clean-label") for line in out)
     assert any(line.startswith("Trojan/1% abl: not run: Trojan needs the authors' trigger file") for line in out)
     assert out[-1] == "matrix at scale slice: 45 cells, 27 run(s), 18 not run"
+    assert main(["reproduce", "list"]) == 0
+    assert any(line.startswith("matrix: Threat matrix") and line.endswith("[ours only: no paper numbers]")
+               for line in capsys.readouterr().out.splitlines())
 
 
 def test_the_matrix_table_shows_each_column_and_marks_cells_not_run(tmp_path):
