@@ -643,7 +643,7 @@ class Engine:
         (lr, BatchNorm mode), the objective or any tensor it reads moves); the partial last
         batch and steps with an ``extra_loss`` (hooks) run eagerly. Returns the step count."""
         plan = loader.plan()
-        graphs = self.device.type == "cuda" and spec.extra_loss is None and not self.cfg.compile
+        graphs = self._graphable(spec)
         full = len(plan[0][0]) if plan else 0
 
         def step(idx: torch.Tensor, draw: AugmentDraw | None, cache: bool = True) -> None:
@@ -659,15 +659,23 @@ class Engine:
                 graph(idx, draw)
             elif key not in self._warm:
                 self._warm.add(key)
-                side = torch.cuda.Stream(self.device)  # warm-up on a side stream, as capture needs
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    step(idx, draw, cache=False)
-                torch.cuda.current_stream(self.device).wait_stream(side)
+                self._warm_up(lambda: step(idx, draw, cache=False))
             else:
                 self._graphs = {key: _CapturedStep(lambda i, d: step(i, d, cache=False), idx, draw)}
                 self._graphs[key](idx, draw)
         return len(plan)
+
+    def _graphable(self, spec: _StepSpec) -> bool:
+        """Whether full batches replay a CUDA graph (NAD's hooks and torch.compile: eager)."""
+        return self.device.type == "cuda" and spec.extra_loss is None and not self.cfg.compile
+
+    def _warm_up(self, run: Callable[[], None]) -> None:
+        """One real, eager step on a side stream, as CUDA graph capture wants its warm-up."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
 
     def _graph_key(self, opt, loader, spec, seen, loss_sum, mode, full) -> tuple:
         """What a captured step has frozen: the lr and BatchNorm mode, the objective, the
@@ -743,9 +751,13 @@ class _CapturedStep:
     def __init__(self, fn: Callable[[torch.Tensor, AugmentDraw | None], None], idx: torch.Tensor, draw: AugmentDraw | None) -> None:
         self.idx = idx.clone()
         self.draw = None if draw is None else AugmentDraw(*(None if t is None else t.clone() for t in draw.tensors()))
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        self.graph = self._capture(fn)
+
+    def _capture(self, fn: Callable[[torch.Tensor, AugmentDraw | None], None]) -> Any:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             fn(self.idx, self.draw)
+        return graph
 
     def __call__(self, idx: torch.Tensor, draw: AugmentDraw | None) -> None:
         self.idx.copy_(idx)
