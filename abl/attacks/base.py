@@ -36,7 +36,7 @@ class Attack:
         rate: fraction of the examples named by ``rate_of`` that is poisoned (0.1 in the
             ABL paper). With the default ``rate_of: dataset`` it is the share of the whole
             training set for every attack, so ``rate`` 0.1 poisons the same number of
-            images whichever attack it is (issue 24).
+            images whichever attack it is.
         target: the target label (0 for CIFAR-10 and ImageNet, 1 for GTSRB in the paper).
         labelling: ``all2one`` relabels poisoned examples to ``target``; ``all2all``
             relabels class ``y`` to ``(y + 1) mod C``.
