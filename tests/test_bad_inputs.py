@@ -282,6 +282,17 @@ def test_recovery_milestones_must_be_increasing_epochs_inside_the_phase(tmp_path
     assert load_experiment(cfg, ["defense.recovery_milestones=[20, 40]"]).defense.recovery_milestones == [20, 40]
 
 
+def test_a_stored_config_with_a_shortened_recovery_still_loads(tmp_path, no_data_load):
+    """A run's saved config writes the preset's milestones out ([40] for 60 epochs); with a
+    shorter recovery they never take effect, and resuming or rerunning it must not refuse them."""
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path, defense={"name": "abl", "recovery_epochs": 2})
+    resolved = load_experiment(cfg).resolved()
+    assert resolved["defense"]["recovery_milestones"] == [40]
+    stored = tmp_path / "stored.yaml"
+    stored.write_text(yaml.safe_dump(resolved))
+    assert load_experiment(stored).defense.recovery_milestones == [40]
+
+
 def test_abl_without_unlearning_is_refused_unless_asked_for_by_name(tmp_path, capsys):
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path, defense={**ABL_TINY, "unlearning_epochs": 0})
     code, err = run_cli(["run", str(cfg)], capsys)

@@ -297,7 +297,10 @@ class ABL(Defense):
             check(self.unlearning_epochs == 0, "defense.unlearning_epochs",
                   f"must be 0 with unlearning: none, got {self.unlearning_epochs}")
             check(self.unlearner is None, "defense.unlearner", "must be null with unlearning: none (no unlearning stage)")
-        if "recovery_milestones" not in from_preset and self.recovery_epochs:  # a preset's fit its own length
+        # A preset's milestones fit its own length. A stored run's config (resume, rerun) carries
+        # them written out, so the preset's value is recognised by value, not by being unset.
+        own = list(self.recovery_milestones or []) != list(PRESETS[self.preset].get("recovery_milestones") or [])
+        if own and self.recovery_epochs:
             check_milestones(self.recovery_milestones, self.recovery_epochs, "defense.recovery_milestones")  # type: ignore[arg-type]
         for name in ("isolation_lr", "recovery_lr", "unlearning_lr"):
             check(getattr(self, name) > 0, f"defense.{name}", "must be > 0")
