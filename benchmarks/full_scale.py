@@ -55,10 +55,12 @@ def defense_spec(run: str, scale: float) -> dict[str, Any]:
     preset = DEFENSES.create({"name": "abl", "preset": run})
     spec: dict[str, Any] = {"name": "abl", "preset": run}
     if scale != 1.0:
+        recovery = _scaled(preset.recovery_epochs, scale)
         spec.update(
             isolation_epochs=_scaled(preset.isolation_epochs, scale),
-            recovery_epochs=_scaled(preset.recovery_epochs, scale),
-            recovery_milestones=[_scaled(m, scale) for m in preset.recovery_milestones],
+            recovery_epochs=recovery,
+            # a milestone scaled onto the phase's end would never act (and is refused)
+            recovery_milestones=[m for m in (_scaled(m, scale) for m in preset.recovery_milestones) if m < recovery],
             unlearning_epochs=_scaled(preset.unlearning_epochs, scale),
         )
         if preset.ranking == "eval":
