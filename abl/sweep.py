@@ -597,9 +597,12 @@ def run_sweep(
 ) -> SweepResult:
     """Run every unfinished cell of ``grid`` on Ray (a local Ray started on demand, or the
     cluster at ``address``) and collect the runs in the store at ``runs_dir``."""
+    from abl.experiment import check_runs_dir
+
     t0 = time.perf_counter()
     threads = max(1, int(cpus_per_run))  # a fractional CPU share still gets one thread
     cells = grid.cells(threads=threads)
+    check_runs_dir(runs_dir)  # before any cell trains: the runs are gathered there at the end
     store = RunStore(runs_dir)
     index = CellIndex(store)
     done = dict(index.refresh())

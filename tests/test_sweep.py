@@ -98,6 +98,18 @@ def test_the_cli_refuses_a_bad_grid_before_starting_anything(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_runs_dir_that_cannot_be_made_stops_the_sweep_before_any_cell(tmp_path):
+    """The runs are gathered into --runs-dir at the end: a folder that cannot be made (/proc)
+    is refused before Ray starts or any cell trains, as `abl run` does."""
+    path = _grid_file(tmp_path)
+    out = subprocess.run([sys.executable, "-c", CLI, "sweep", str(path), "--runs-dir", "/proc/abl-sweep-runs"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "'/proc/abl-sweep-runs' cannot be made" in line and "--runs-dir" in line
+    assert "cells" not in out.stdout, "no cell was planned or started"
+
+
 def test_without_ray_the_sweep_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     grid = load_grid(_grid_file(tmp_path))
