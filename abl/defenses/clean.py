@@ -1,10 +1,9 @@
-"""Clean training: the oracle of the threat matrix (issue 24)."""
+"""Clean training: the oracle of the threat matrix, the same data without its poisons."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from abl.data.loader import AugmentConfig
 from abl.defenses.base import DEFENSES, DefenseResult, phase_metrics
 from abl.defenses.none import NoDefense
 from abl.engine import Engine
@@ -33,15 +32,7 @@ class CleanTraining(NoDefense):
 
     def run(self, engine: Engine) -> DefenseResult:
         keep = (~engine.data.poison_mask).nonzero().squeeze(1)
-        engine.run_phase(
-            "train",
-            epochs=self.epochs,
-            lr=self.lr,
-            milestones=self.milestones,
-            lr_factor=self.lr_factor,
-            index=keep,
-            augment=AugmentConfig() if self.augment else None,
-        )
+        self.train_on(engine, index=keep)
         # the count under its own phase: "final" holds rates only, as every defense's
         return DefenseResult(metrics={"clean": {"removed": float(len(engine.data) - len(keep))},
                                       "final": phase_metrics(engine)})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from abl.config import check
 from abl.data.loader import AugmentConfig
 from abl.defenses.base import DEFENSES, Defense, DefenseResult, phase_metrics
@@ -39,12 +41,17 @@ class NoDefense(Defense):
         return self.epochs
 
     def run(self, engine: Engine) -> DefenseResult:
+        self.train_on(engine)
+        return DefenseResult(metrics={"final": phase_metrics(engine)})
+
+    def train_on(self, engine: Engine, index: torch.Tensor | None = None) -> None:
+        """This schedule's one phase, on the examples at ``index`` (all when None)."""
         engine.run_phase(
             "train",
             epochs=self.epochs,
             lr=self.lr,
             milestones=self.milestones,
             lr_factor=self.lr_factor,
+            index=index,
             augment=AugmentConfig() if self.augment else None,
         )
-        return DefenseResult(metrics={"final": phase_metrics(engine)})
