@@ -102,9 +102,9 @@ def test_slice_after_order_keeps_files_aligned(ordered_root, tmp_path):
 
 
 def test_every_dataset_takes_order_seed(tmp_path):
-    for name in ("digits", "cifar10", "gtsrb", "imagefolder"):
+    for name in ("digits", "cifar10", "gtsrb", "imagefolder", "arrays"):
         assert "order_seed" in DATASETS.get(name).__dataclass_fields__
-        with pytest.raises(ConfigError, match=r"'dataset\.order_seed' must be an integer >= 0, or null"):
+        with pytest.raises(ConfigError, match=r"'dataset\.order_seed' must be between 0 and 4294967295"):
             DATASETS.create({"name": name, "order_seed": -1})
     assert CIFAR10().order_seed == 0 and GTSRB().order_seed == 0 and ImageFolder().order_seed == 0
     # sklearn's digits are already mixed: kept as they are unless asked
