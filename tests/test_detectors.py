@@ -216,13 +216,18 @@ def test_spectral_signatures_scores_the_shifted_minority_highest():
 #    5%: activation clustering AUPRC (0.70), P@1% (1.0), P@rate (0.59), within (0.99)
 #        spectral signatures   AUPRC 0.38 0.59 0.34 0.29 0.33 (0.34), P@1% (0.77), P@rate
 #          (0.39), within (0.75)
+# On the 2-core AMD EPYC with AVX2 and no AVX-512 (2026-12-07; the same values from the code
+# at 933f93f, so the CPU's kernels, not a code change) activation clustering at 5% gave
+# AUPRC 0.37 0.24 0.51 0.38 0.68 (0.38), P@rate 0.33 0.21 0.42 0.35 0.62 (0.35): its 5%
+# AUPRC and P@rate thresholds are 0.30, below the lower of the two machines' medians and
+# still six times the base rate.
 # Thresholds sit below those medians and above the base rates and what the broken variants
 # we tried gave (scoring the larger cluster: within-class AUPRC 0.72-0.74; projecting on
 # the smallest singular direction: AUPRC 0.15 at 5%).
 EXPECTED = {
     ("activation_clustering", 0.1): {"auprc": 0.35, "precision_1pc": 0.9, "precision_rate": 0.25, "within": 0.9},
     ("spectral_signatures", 0.1): {"auprc": 0.18, "precision_1pc": 0.5, "precision_rate": 0.15, "within": 0.55},
-    ("activation_clustering", 0.05): {"auprc": 0.45, "precision_1pc": 0.9, "precision_rate": 0.35, "within": 0.9},
+    ("activation_clustering", 0.05): {"auprc": 0.30, "precision_1pc": 0.9, "precision_rate": 0.30, "within": 0.9},
     ("spectral_signatures", 0.05): {"auprc": 0.25, "precision_1pc": 0.5, "precision_rate": 0.25, "within": 0.6},
 }
 
