@@ -25,6 +25,24 @@ from abl.registry import Registry
 
 ATTACKS: Registry = Registry("attack")
 
+
+def draw_unpoisoned(poison_mask: torch.Tensor, ratio: float, seed: int, stream: int, key: str,
+                    what: str) -> tuple[torch.Tensor, np.random.Generator]:
+    """Sorted indices of ``round(ratio * #poisons)`` unpoisoned examples drawn from the seed
+    stream ``(seed, stream)`` (label-keeping extras such as WaNet's noise-mode examples and
+    BPP's negatives), and that generator for any further draws. Too few unpoisoned examples
+    is a one-line error naming ``attack.<key>``."""
+    poison_mask = poison_mask.cpu()
+    count = int(round(ratio * int(poison_mask.sum())))
+    free = (~poison_mask).nonzero().squeeze(1)
+    if count > len(free):
+        raise ConfigError(
+            f"'attack.{key}' {ratio} asks for {count} {what} but only {len(free)} unpoisoned examples exist; "
+            f"lower attack.{key} or attack.rate"
+        )
+    rng = np.random.default_rng((seed & ((1 << 64) - 1), stream))  # seed sequences take non-negative ints
+    return free[torch.from_numpy(rng.permutation(len(free))[:count]).long()].sort().values, rng
+
 _CHUNK = 4096  # images per batched trigger call while poisoning (bounds peak memory)
 
 

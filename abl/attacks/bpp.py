@@ -6,16 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from abl.attacks.base import ATTACKS, Attack
+from abl.attacks.base import ATTACKS, Attack, draw_unpoisoned
 from abl.config import check
 from abl.data.types import ImageSplit, PoisonedSet
-from abl.errors import ConfigError
 
 _NEGATIVE_STREAM = 1  # the negatives' choice draws from its own seed stream
-_U64 = (1 << 64) - 1
 
 
 def squeeze(x: torch.Tensor, levels: int) -> torch.Tensor:
@@ -131,17 +128,10 @@ class BPP(Attack):
     def select_negatives(self, poison_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Seeded indices of the negative examples (sorted, none of them poisoned) and, for
         each, the training image whose residual it gets (never itself)."""
-        poison_mask = poison_mask.cpu()
         n = len(poison_mask)
-        n_neg = int(round(self.negative_ratio * int(poison_mask.sum())))
-        free = (~poison_mask).nonzero().squeeze(1)
-        if n_neg > len(free):
-            raise ConfigError(
-                f"'attack.negative_ratio' {self.negative_ratio} asks for {n_neg} negative examples but only "
-                f"{len(free)} unpoisoned examples exist; lower attack.negative_ratio or attack.rate"
-            )
-        rng = np.random.default_rng((self.seed & _U64, _NEGATIVE_STREAM))  # seed sequences take non-negative ints
-        index = free[torch.from_numpy(rng.permutation(len(free))[:n_neg]).long()].sort().values
+        index, rng = draw_unpoisoned(poison_mask, self.negative_ratio, self.seed, _NEGATIVE_STREAM, "negative_ratio",
+                                     "negative examples")
+        n_neg = len(index)
         source = torch.from_numpy(rng.integers(0, n - 1, n_neg)).long()
         source = source + (source >= index).long()  # any image but the negative itself
         return index, source

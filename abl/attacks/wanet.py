@@ -9,10 +9,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from abl.attacks.base import ATTACKS, Attack
+from abl.attacks.base import ATTACKS, Attack, draw_unpoisoned
 from abl.config import check
 from abl.data.types import ImageSplit, PoisonedSet
-from abl.errors import ConfigError
 
 _CROSS_STREAM, _NOISE_STREAM = 1, 2  # the cross examples' choice and noise draw from their own seed streams
 _U64 = (1 << 64) - 1
@@ -112,17 +111,8 @@ class WaNet(Attack):
 
     def select_cross(self, poison_mask: torch.Tensor) -> torch.Tensor:
         """Seeded indices of the noise-mode examples (sorted, none of them poisoned)."""
-        poison_mask = poison_mask.cpu()
-        n_cross = int(round(self.cross_ratio * int(poison_mask.sum())))
-        free = (~poison_mask).nonzero().squeeze(1)
-        if n_cross > len(free):
-            raise ConfigError(
-                f"'attack.cross_ratio' {self.cross_ratio} asks for {n_cross} noise-mode examples but only "
-                f"{len(free)} unpoisoned examples exist; lower attack.cross_ratio or attack.rate"
-            )
-        rng = np.random.default_rng((self.seed & _U64, _CROSS_STREAM))  # seed sequences take non-negative ints
-        chosen = torch.from_numpy(rng.permutation(len(free))[:n_cross]).long()
-        return free[chosen].sort().values
+        return draw_unpoisoned(poison_mask, self.cross_ratio, self.seed, _CROSS_STREAM, "cross_ratio",
+                               "noise-mode examples")[0]
 
     def cross_noise(self, index: torch.Tensor) -> torch.Tensor:
         """Noise ``(N, H, W, 2)`` uniform in [-1, 1] for the training images at positions
