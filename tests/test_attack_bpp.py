@@ -9,29 +9,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F
 
 from abl.attacks import ATTACKS
 from abl.attacks.bpp import floyd_steinberg, squeeze
-from abl.data.types import ImageSplit
 from abl.errors import ConfigError
+from attack_images import smooth_images, split
 
 
 def make(**params):
     attack = ATTACKS.create({"name": "bpp", **params})
     attack.setup(32, 10)
     return attack
-
-
-def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, 3, 8, 8, generator=gen)
-    return F.interpolate(coarse, size=32, mode="bilinear", align_corners=False).clamp(0, 1)
-
-
-def split(n: int = 600, seed: int = 0) -> ImageSplit:
-    images = (smooth_images(n, seed) * 255).round().to(torch.uint8)
-    return ImageSplit(images, torch.arange(n) % 10)
 
 
 def reference_dither(image: np.ndarray, levels: int) -> np.ndarray:

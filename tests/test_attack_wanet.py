@@ -12,26 +12,14 @@ from torch.nn import functional as F
 
 from abl.attacks import ATTACKS
 from abl.attacks.wanet import identity_grid
-from abl.data.types import ImageSplit
 from abl.errors import ConfigError
+from attack_images import smooth_images, split
 
 
 def make(**params):
     attack = ATTACKS.create({"name": "wanet", **params})
     attack.setup(32, 10)
     return attack
-
-
-def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
-    """Natural-image-like test inputs: random 8x8 colour fields upsampled to 32x32."""
-    gen = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, 3, 8, 8, generator=gen)
-    return F.interpolate(coarse, size=32, mode="bilinear", align_corners=False).clamp(0, 1)
-
-
-def split(n: int = 600, seed: int = 0) -> ImageSplit:
-    images = (smooth_images(n, seed) * 255).round().to(torch.uint8)
-    return ImageSplit(images, torch.arange(n) % 10)
 
 
 def test_wanet_defaults_are_the_authors():
