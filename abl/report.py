@@ -66,6 +66,8 @@ METRIC_LABELS = {
     "iso_auprc": "Isolation AUPRC",
     "stage_hit": "Stage from cache",
     "stage_load_s": "Stage load time",
+    "scores_hit": "Isolation scores from cache",
+    "scores_load_s": "Isolation scores load time",
     "control_asr": "ASR (clean model)",
     "n_poison": "Poisoned examples",
     "removed": "Examples removed",
@@ -87,7 +89,7 @@ _UNKNOWN_RGB = (128, 128, 128)
 #: metrics that count something (shown as integers)
 COUNT_METRICS = ("iso_count", "iso_heldout_count", "unlearn_epochs_run", "unlearn_epoch_kept", "n_poison", "removed")
 #: metrics that are 0/1 flags (shown as yes / no)
-FLAG_METRICS = ("iso_weak", "unlearn_weak", "stage_hit")
+FLAG_METRICS = ("iso_weak", "unlearn_weak", "stage_hit", "scores_hit")
 
 
 def fmt_rate(value: float | None) -> str:

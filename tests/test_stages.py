@@ -188,3 +188,58 @@ def test_a_run_on_a_cached_isolation_resumes_mid_unlearning(isolated_first, tmp_
     assert [h["phase"] for h in resumed.history()] == [h["phase"] for h in rec.history()]
     a, b = rec.tensors("model"), resumed.tensors("model")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- the isolation phase alone: runs that differ only after the scoring share it ----------
+
+
+# values no other test of this module uses, so that no earlier test cached their whole stage
+@pytest.mark.parametrize("change", [{"isolation_rate": 0.03}, {"recovery_lr": 0.03, "recovery_epochs": 3}])
+def test_a_run_differing_after_the_scoring_reuses_the_isolation_phase(isolated_first, tmp_path, change):
+    """A new isolation count or recovery schedule misses the isolation+recovery stage but
+    reads the isolation phase's scores: it trains no isolation epoch, and ends bit-identical
+    to the same config trained from scratch without the cache."""
+    rec, cache, _ = isolated_first
+    scored_key = rec.json("stages")["scored"]["key"]
+    assert (cache / "stages" / f"scored-{scored_key}.safetensors").is_file(), "the first run cached its scores"
+    other = _abl(tmp_path, cache, {**ABL, "cache_stages": True, **change})
+    iso = other.metrics["isolation"]
+    assert iso["stage_hit"] == 0.0 and iso["scores_hit"] == 1.0
+    assert other.json("stages")["scored"] == {"key": rec.json("stages")["scored"]["key"], "hit": True}
+    phases = [h["phase"] for h in other.history()]
+    assert phases.count("isolation") == 4, "the cached isolation epochs are in its record"
+    plain = _abl(tmp_path, tmp_path / "no-cache", {**ABL, **change})
+    a, b = plain.tensors("model"), other.tensors("model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (other.array("isolated_indices") == plain.array("isolated_indices")).all()
+    for k in ("iso_precision", "iso_recall", "iso_separation", "clean_acc", "asr"):
+        assert other.metrics["isolation"][k] == plain.metrics["isolation"][k], k
+    assert other.final_metrics["asr"] == plain.final_metrics["asr"]
+
+
+def test_a_changed_isolation_phase_scores_again(isolated_first, tmp_path):
+    rec, cache, _ = isolated_first
+    other = _abl(tmp_path, cache, {**ABL, "cache_stages": True, "gamma": 0.35})
+    assert other.metrics["isolation"].get("scores_hit", 0.0) == 0.0
+    assert other.json("stages")["scored"]["key"] != rec.json("stages")["scored"]["key"]
+
+
+def test_a_run_on_cached_scores_resumes_mid_recovery(isolated_first, tmp_path):
+    rec, cache, _ = isolated_first
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def stop(record):
+        if record["phase"] == "recovery" and record["phase_epoch"] == 1:
+            raise Stop()
+
+    change = {"isolation_rate": 0.04}
+    with pytest.raises(Stop):
+        _abl(tmp_path, cache, {**ABL, "cache_stages": True, **change}, on_epoch=stop)
+    (stopped,) = RunStore(tmp_path / "runs").list_runs()
+    resumed = resume_experiment(stopped.run_id, RunStore(tmp_path / "runs"))
+    plain = _abl(tmp_path, tmp_path / "no-cache", {**ABL, **change})
+    assert [h["phase"] for h in resumed.history()] == [h["phase"] for h in plain.history()]
+    a, b = plain.tensors("model"), resumed.tensors("model")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -374,10 +374,11 @@ class ABL(Defense):
             self._release_stage_lock()
 
     def _release_stage_lock(self) -> None:
-        lock = getattr(self, "_stage_lock", None)
-        if lock is not None:
-            lock.release()
-            self._stage_lock = None
+        for name in ("_stage_lock", "_scores_lock"):
+            lock = getattr(self, name, None)
+            if lock is not None:
+                lock.release()
+                setattr(self, name, None)
 
     def check_run(self, n_train: int) -> None:
         """What only the whole defense needs (its parts stay usable alone, e.g. isolation
@@ -404,7 +405,14 @@ class ABL(Defense):
             isolated, scores, stage_metrics = cached
             metrics.update(stage_metrics)
         else:
-            isolated, scores, metrics["isolation"] = self.run_isolation(engine)
+            # the isolation phase alone may be cached by a run that differs only in what
+            # follows it (the isolation count, recovery, unlearning)
+            scored = self._cached_scores(engine)
+            if scored is not None:
+                isolated, scores, metrics["isolation"] = scored
+            else:
+                isolated, scores, metrics["isolation"] = self.run_isolation(engine)
+                self._store_scores(engine)
         lookup = torch.zeros(len(engine.data), dtype=torch.bool, device=engine.device)
         lookup[isolated] = True
         if cached is None:
@@ -437,10 +445,22 @@ class ABL(Defense):
             suspicion = det.detect(engine)
             rank_s = float(getattr(det, "rank_seconds", 0.0))
         scores = -suspicion.to(engine.device)
+        if engine.history:
+            model_metrics = phase_metrics(engine)
+        else:  # a cached backdoored model: nothing was trained in this run
+            model_metrics = {k: float(v) for k, v in engine.evaluate(full=True).items() if k in METRIC_KEYS}
+        # what the isolation-only stage cache keeps (``_store_scores``)
+        self._scored = {"model_metrics": model_metrics, "stage_s": time.perf_counter() - t0, "rank_s": rank_s}
+        return self._decide(engine, scores, model_metrics, time.perf_counter() - t0, rank_s)
+
+    def _decide(self, engine: Engine, scores: torch.Tensor, model_metrics: dict[str, float], stage_s: float,
+                rank_s: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Isolate from every example's ranking ``scores`` and measure the decision: what
+        follows the scoring in stage 1, whether the scores were just computed or cached."""
         self._scores = scores  # every example's, for the stage cache
         isolated, isolated_scores = self.isolate(scores)
         iso = isolation_metrics(isolated, engine.data.poison_mask)
-        iso["iso_auprc"] = detection_metrics(suspicion, engine.data.poison_mask.cpu(), self.isolation_rate)["auprc"]
+        iso["iso_auprc"] = detection_metrics((-scores).cpu(), engine.data.poison_mask.cpu(), self.isolation_rate)["auprc"]
         evidence = isolation_evidence(scores, isolated, engine.data.labels)
         why = self.weak_evidence(evidence)
         evidence["iso_weak"] = float(bool(why))
@@ -449,13 +469,9 @@ class ABL(Defense):
                 f"ABL: weak isolation evidence: {'; '.join(why)}; the isolated "
                 "examples may be clean examples, and unlearning them costs clean accuracy. Check the "
                 "loss curves and the isolated pictures in the report.",
-                stacklevel=2,
+                stacklevel=3,
             )
-        if engine.history:
-            model_metrics = phase_metrics(engine)
-        else:  # a cached backdoored model: nothing was trained in this run
-            model_metrics = {k: float(v) for k, v in engine.evaluate(full=True).items() if k in METRIC_KEYS}
-        stage = {**model_metrics, **iso, **evidence, "stage_s": time.perf_counter() - t0, "rank_s": rank_s}
+        stage = {**model_metrics, **iso, **evidence, "stage_s": stage_s, "rank_s": rank_s}
         return isolated, isolated_scores, stage
 
     def run_recovery(self, engine: Engine, lookup: torch.Tensor) -> tuple[torch.optim.Optimizer, dict[str, float]]:
@@ -530,6 +546,63 @@ class ABL(Defense):
         iso["iso_weak"] = float(bool(self.weak_evidence(iso)))
         iso.update(stage_hit=1.0, stage_load_s=time.perf_counter() - t0)
         return isolated, isolated_scores, metrics
+
+    def _scores_spec(self, engine: Engine) -> dict[str, Any] | None:
+        """Everything (beyond data, initial weights and engine settings) that decides the
+        isolation phase and its scores, and nothing that only uses them (the isolation
+        count, recovery, unlearning); None when not caching."""
+        spec = self._isolation_spec(engine)
+        if spec is None:
+            return None
+        return {k: v for k, v in spec.items() if k not in ("isolation_rate", "recovery")}
+
+    def _cached_scores(self, engine: Engine) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]] | None:
+        """The isolation phase from the cache (its model, history, loss record and every
+        example's score), put into ``engine`` and decided on again with this run's own
+        isolation rule; None on a miss (the caller trains it, then ``_store_scores``) or
+        when not caching. Lets runs that differ only after the scoring, e.g. in the
+        isolation count or the recovery schedule, share the isolation training."""
+        from abl.stages import claim_stage, read_stage, stage_key, stage_path
+
+        spec = self._scores_spec(engine)
+        if spec is None or engine.stage_dir is None:
+            return None
+        stages = engine.state.setdefault("stages", {})
+        if "scored" not in stages:
+            key = stage_key("scored", engine, spec)
+            hit, self._scores_lock = claim_stage(stage_path(engine, "scored", key))
+            stages["scored"] = {"key": key, "hit": hit}
+        info = stages["scored"]
+        if not info["hit"]:
+            return None
+        t0 = time.perf_counter()
+        tensors, meta = read_stage(stage_path(engine, "scored", info["key"]))  # type: ignore[arg-type]
+        engine.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        engine.adopt_phases(meta["phases"], meta["history"], tensors["example_losses"])
+        self._scored = dict(meta["scored"])
+        isolated, isolated_scores, stage = self._decide(
+            engine, tensors["scores"].to(engine.device), dict(meta["scored"]["model_metrics"]),
+            float(meta["scored"]["stage_s"]), float(meta["scored"]["rank_s"]))
+        stage.update(scores_hit=1.0, scores_load_s=time.perf_counter() - t0)
+        return isolated, isolated_scores, stage
+
+    def _store_scores(self, engine: Engine) -> None:
+        """Cache the isolation phase just trained (see ``_cached_scores``)."""
+        from abl.stages import _engine_settings, stage_path, write_stage
+
+        info = engine.state.get("stages", {}).get("scored")
+        if info is None or info["hit"] or engine.stage_dir is None:
+            return
+        tensors = {f"model.{k}": v for k, v in engine.model.state_dict().items()}
+        tensors.update(scores=self._scores.detach().cpu().float(), example_losses=engine.loss_matrix())
+        write_stage(stage_path(engine, "scored", info["key"]), tensors, {  # type: ignore[arg-type]
+            "spec": self._scores_spec(engine), "engine": _engine_settings(engine), "phases": list(engine._phases),
+            "history": engine.history, "scored": self._scored,
+        })
+        lock = getattr(self, "_scores_lock", None)
+        if lock is not None:
+            lock.release()
+            self._scores_lock = None
 
     def weak_evidence(self, evidence: dict[str, float]) -> list[str]:
         """Why the isolation evidence is weak (empty when it is not), from :func:`isolation_evidence`."""
