@@ -186,7 +186,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def build_dataclass(cls: type[T], data: Mapping[str, Any], where: str) -> T:
-    """Instantiate dataclass ``cls`` from ``data``; unknown keys and wrong types are errors."""
+    """Instantiate dataclass ``cls`` from ``data``; unknown keys and wrong types are errors.
+
+    A class whose unset fields (None) take a preset's value may map such fields to what a
+    null *written* in ``data`` means (``null_means``, a class attribute): only here, where
+    the keys the user wrote are known, can an explicit ``null`` be told from a missing key.
+    """
     if not isinstance(data, Mapping):
         raise ConfigError(f"'{where}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -197,6 +202,8 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any], where: str) -> T:
             f"unknown key '{where}.{unknown[0]}'; valid keys: {', '.join(sorted(fields)) or '(none)'}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    null_means: Mapping[str, Any] = getattr(cls, "null_means", {})
+    kwargs.update({k: null_means[k] for k, v in data.items() if v is None and k in null_means})
     try:
         obj = cls(**kwargs)
     except TypeError as exc:  # a required field without a default is missing

@@ -194,16 +194,18 @@ class ABL(Defense):
             statistics kept from recovery) or ``frozen`` (running statistics used and kept).
         carry_momentum: keep the recovery optimizer's momentum into unlearning.
         unlearning_ceiling: an isolated example stops being ascended once its loss
-            exceeds this (None or .inf: unbounded, as in the paper and the authors' code).
+            exceeds this (.inf, or null written in a config: unbounded, as in the paper
+            and the authors' code; left out: the preset's value).
         unlearning_holdout: fraction of ``D_b`` (seeded) kept out of unlearning as a check:
             a model that still classifies these unseen suspects as their training labels has
             not cut the backdoor, whatever it does on the examples it was unlearned on
-            (those it can simply memorise). 0 in ``paper`` and ``official``; 0.2 by default.
+            (those it can simply memorise). 0 in ``paper`` and ``official``; 0.2 by default;
+            null written in a config: 0, none held out.
         unlearning_select: ``last`` keeps the model after the last unlearning epoch;
             ``heldout`` keeps the epoch whose model fits the held-out suspects least (ties:
             the higher mean held-out loss, capped at the ceiling) and restores it at the end.
         unlearning_patience: with ``heldout``, stop this many epochs after the best one
-            (0: run every epoch).
+            (0, or null written in a config: run every epoch).
         min_separation: the isolation evidence is flagged weak (metric ``iso_weak`` = 1, a
             warning, a line in the report) when ``iso_separation`` falls below this.
         min_label_share: the isolation evidence is also flagged weak when
@@ -233,6 +235,14 @@ class ABL(Defense):
 
     #: the values each preset gives the fields left None (``abl list defense abl`` shows them)
     presets: ClassVar[dict[str, dict[str, object]]] = PRESETS
+    #: what a null written in a config (YAML, ``--set``) means for these fields, where the
+    #: docstring gives null a meaning of its own: a key left out takes the preset's value,
+    #: an explicit null does not (:func:`abl.config.build_dataclass`). Honoured rather than
+    #: refused because stored ``paper`` and ``official`` runs record their unbounded ceiling
+    #: as null and must resume as they ran. In Python, ``None`` still means the preset's.
+    null_means: ClassVar[dict[str, object]] = {
+        "unlearning_ceiling": float("inf"), "unlearning_holdout": 0.0, "unlearning_patience": 0,
+    }
 
     preset: Literal["default", "paper", "official"] = "default"
     gamma: float = 0.5
@@ -315,7 +325,8 @@ class ABL(Defense):
         check(
             self.unlearning_select == "last" or self.unlearning_holdout > 0,  # type: ignore[operator]
             "defense.unlearning_select",
-            "'heldout' needs unlearning_holdout > 0 (the suspects it checks the model on)",
+            "'heldout' needs unlearning_holdout > 0 (the suspects it checks the model on); "
+            "set unlearning_select: last to unlearn without holding any out",
         )
         check(self.unlearning_patience >= 0, "defense.unlearning_patience", "must be >= 0 (0: no early stop)")  # type: ignore[operator]
         check(self.min_separation >= 0, "defense.min_separation", "must be >= 0")
@@ -461,7 +472,7 @@ class ABL(Defense):
         isolated, isolated_scores = self.isolate(scores)
         iso = isolation_metrics(isolated, engine.data.poison_mask)
         iso["iso_auprc"] = detection_metrics((-scores).cpu(), engine.data.poison_mask.cpu(), self.isolation_rate)["auprc"]
-        evidence = isolation_evidence(scores, isolated, engine.data.labels)
+        evidence = isolation_evidence(scores, isolated, engine.data.labels, evidence_scale(self.detector_part()))
         why = self.weak_evidence(evidence)
         evidence["iso_weak"] = float(bool(why))
         if why:
@@ -643,20 +654,44 @@ class ABL(Defense):
         return self.unlearner_part().unlearn(engine, ctx)
 
 
-def isolation_evidence(scores: torch.Tensor, isolated: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+#: Offset of the log scale on which raw losses are compared (``log(loss + LOSS_LOG_EPS)``).
+#: A float32 cross-entropy is rounding below about 3e-7 (off by more than half for confident
+#: logits of 8-32) and exactly 0 below about 6e-8, so 1e-6 makes a loss of 0 and one of 1e-7
+#: the same score, where a bare log would put them 12 nats apart (or fail at 0).
+LOSS_LOG_EPS = 1e-6
+
+EvidenceScale = Literal["loss", "score"]
+
+
+def evidence_scale(detector: Detector) -> EvidenceScale:
+    """What a detector's ranking scores are, for :func:`isolation_evidence`: ``loss`` for
+    raw losses >= 0 (an ``eval`` ranking), ``score`` for any other (a ``trajectory``
+    ranking's mean log losses, a model-based detector's own scale)."""
+    return "loss" if isinstance(detector, TrainedIsolation) and detector.ranking == "eval" else "score"
+
+
+def isolation_evidence(
+    scores: torch.Tensor, isolated: torch.Tensor, labels: torch.Tensor, scale: EvidenceScale = "score"
+) -> dict[str, float]:
     """How far the isolated set stands apart from the rest, without ground truth.
 
     ``iso_separation``: the distance between the median ranking score of the rest and that
-    of the isolated set, in units of the rest's median absolute deviation. For ranking
-    scores that are log losses (``trajectory``) or losses, the lowest 1% of one smooth
-    distribution sits about 4 spreads below its median; poisons learned far faster than
-    everything else sit much further (benchmarks/README.md lists the measured values).
+    of the isolated set, in units of the rest's median absolute deviation, on a scale fixed
+    by what the scores are (``scale``, from :func:`evidence_scale`), never by their values:
+    raw losses (``loss``) are compared as ``log(loss + LOSS_LOG_EPS)``, since an example
+    fitted to 1e-5 stands far from one at 1e-2 and a raw scale hides that; every other
+    score (``score``: a trajectory's mean log losses, a model-based detector's scores) as
+    it is. A rank-based statistic cannot do this: the isolated set is the lowest ranks by
+    construction. For log losses the lowest 1% of one smooth distribution sits about 4
+    spreads below its median; poisons learned far faster than everything else sit much
+    further (benchmarks/README.md lists the measured values).
     ``iso_top_label_share``: the share of the isolated set that carries its most common
     label: 1.0 for an all-to-one backdoor, about ``1 / classes`` for a spread of clean tails.
     """
-    s = scores.float().cpu()
-    if (s > 0).all():  # raw losses (``eval`` ranking): compare them on a log scale too
-        s = s.log()
+    s = scores.double().cpu()
+    if scale == "loss":
+        # a loss is >= 0; the clamp keeps a rounding error below 0 off the log's domain edge
+        s = (s.clamp_min(0.0) + LOSS_LOG_EPS).log()
     mask = torch.zeros(len(s), dtype=torch.bool)
     mask[isolated.cpu()] = True
     rest = s[~mask]
