@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,79 @@ from abl.unlearning.base import UNLEARNERS, Unlearner, UnlearnContext
 
 #: below this many held-out suspects the unlearning check is coarse, and the run says so
 MIN_FIRM_HOLDOUT = 10
+
+#: at most this many ``D_c`` examples (seeded) measure the clean fit after every
+#: unlearning epoch: at 2,000 a fit near 90% has a standard error under 0.7 points (the
+#: epochs share the sample, so their differences vary less), and one pass over them costs
+#: a fraction of an unlearning epoch
+CLEAN_SAMPLE = 2000
+
+
+@dataclass(frozen=True)
+class EpochFit:
+    """What unlearning-epoch selection sees of one epoch's model; no ground truth.
+
+    ``clean_fit``: accuracy on the ``D_c`` sample, labels as trained. ``held_fit`` /
+    ``held_loss``: share of the held-out suspects fitted to their training labels, and their
+    mean loss capped at the ceiling. ``unlearned_fit``: the same share for the unlearned
+    suspects."""
+
+    clean_fit: float
+    held_fit: float
+    held_loss: float
+    unlearned_fit: float
+
+
+def suspect_fit(record: EpochFit, n_held: int, n_unlearned: int) -> float:
+    """The share of suspects an epoch's model still fits, as selection judges it: the
+    held-out ones' when there are at least ``MIN_FIRM_HOLDOUT`` of them; else held-out and
+    unlearned together. A few held-out suspects can all read unfitted while the backdoor
+    works (4 suspects, sticker ASR 49%); the unlearned ones, though the ascent trains on
+    them, keep such an epoch from winning on that reading while most of them still fit."""
+    if n_held >= MIN_FIRM_HOLDOUT or n_unlearned == 0:
+        return record.held_fit
+    return (n_held * record.held_fit + n_unlearned * record.unlearned_fit) / (n_held + n_unlearned)
+
+
+def select_epoch(
+    records: Sequence[EpochFit], clean_before: float, tolerance: float, n_held: int, n_unlearned: int
+) -> int:
+    """Index of the unlearning epoch to keep (``records[i]``: epoch ``i``'s model).
+
+    Eligible: an epoch whose clean fit is at least ``clean_before - tolerance`` (the
+    recovered model's, less what unlearning may cost). Among the eligible, the one whose
+    suspects are fitted least (:func:`suspect_fit`); ties go to the higher held-out loss,
+    then to the higher clean fit, then to the earlier epoch. With none eligible, the epoch
+    with the highest clean fit (ties: fewer suspects fitted, higher loss, earlier).
+
+    Why the loss before the clean fit: a damaged model also scores a high suspect loss,
+    which is what the gate is for; among undamaged models the loss still sees the backdoor
+    come back while a few suspects all read unfitted, and the clean fit does not: GGA's
+    descent over ``D_c`` raises it as it re-teaches the trigger from the poisons left there.
+    On the digits (3 held-out suspects, BadNets 10%, lr 0.01) the tied epochs' clean fit
+    peaked with ASR back at 42%, their held-out loss at ASR 0%.
+
+    The recovered model (no unlearning) is not a candidate: its clean fit is the reference,
+    so it would win whenever cutting the link costs anything, and keep the backdoor with
+    only the held-out check's warning. Whether to unlearn at all is the isolation
+    evidence's call, made before this stage.
+
+    One total order, earliest first on ties: adding a record moves the choice to the new
+    epoch or leaves it, so the choice on a prefix stands as epochs come in (``patience``
+    counts from it).
+    """
+    if not records:
+        raise ValueError("select_epoch needs at least one epoch's record")
+    floor = clean_before - tolerance
+
+    def key(i: int) -> tuple:
+        r = records[i]
+        fit = suspect_fit(r, n_held, n_unlearned)
+        if r.clean_fit >= floor:
+            return (0, fit, -r.held_loss, -r.clean_fit, i)
+        return (1, -r.clean_fit, fit, -r.held_loss, i)
+
+    return min(range(len(records)), key=key)
 
 
 def _ascent_term(bad: torch.Tensor, ceiling: float | None) -> torch.Tensor:
@@ -64,6 +138,32 @@ def split_holdout(isolated: torch.Tensor, share: float, seed: int) -> tuple[torc
     return isolated[perm[n_hold:]], isolated[perm[:n_hold]]
 
 
+def clean_sample(
+    clean_index: torch.Tensor, labels: torch.Tensor, isolated: torch.Tensor, seed: int, n: int = CLEAN_SAMPLE
+) -> torch.Tensor:
+    """A seeded sample of at most ``n`` of ``clean_index`` (``D_c``) to measure the clean
+    fit on, without the label that most of ``isolated`` carry, if one does.
+
+    ``D_c`` still holds the poisons isolation missed (90% of them at a 10% poisoning rate
+    and a 1% isolated set). A one-target backdoor's poisons all carry its target label, and
+    cutting the backdoor rightly stops the model fitting them: with that label in the
+    sample, the clean fit would fall by the poisons' share of ``D_c`` exactly when
+    unlearning works. An attack whose poisons carry many labels (all-to-all) still weighs
+    in the sample."""
+    index = clean_index
+    if len(isolated):
+        iso_labels = labels[isolated.to(labels.device)]
+        top = torch.mode(iso_labels).values
+        if 2 * int((iso_labels == top).sum()) > len(isolated):
+            rest = index[labels[index.to(labels.device)].to(index.device) != top.to(index.device)]
+            index = rest if len(rest) else index
+    index = index.sort().values  # the sample depends on the set, not its order
+    if len(index) > n:
+        g = torch.Generator().manual_seed(seed)
+        index = index[torch.randperm(len(index), generator=g)[:n].to(index.device)].sort().values
+    return index
+
+
 @UNLEARNERS.register("gga")
 @dataclass
 class GGA(Unlearner):
@@ -75,7 +175,14 @@ class GGA(Unlearner):
     held-out suspects (``holdout``). None needs ground truth. The unlearned examples can be
     memorised (their fit reached 0% at full scale while ASR stayed at 75%), so when suspects
     are held out they decide ``unlearn_weak`` (fit above 0.5 after unlearning: the run
-    warns that the link was not cut).
+    warns that the link was not cut). ``clean_fit_before`` / ``_after`` (and ``clean_fit``
+    per epoch): accuracy on a seeded sample of ``D_c`` (:func:`clean_sample`), the cost of
+    unlearning to clean data, again without ground truth.
+
+    ``select: heldout`` keeps the epoch :func:`select_epoch` picks: within
+    ``clean_tolerance`` of the recovered model's clean fit, the one whose suspects fit
+    least. Fewer than ``MIN_FIRM_HOLDOUT`` held-out suspects are pooled with the unlearned
+    ones to judge (:func:`suspect_fit`), and the run warns that its check is coarse.
 
     Parameters:
         epochs: epochs of unlearning (20; the paper's 20, the authors' 4).
@@ -89,9 +196,13 @@ class GGA(Unlearner):
         ceiling: an isolated example stops being ascended once its loss exceeds this
             (None or .inf: unbounded, as in the paper).
         holdout: fraction of ``D_b`` (seeded) kept out of unlearning as a check.
-        select: ``last`` keeps the last epoch's model; ``heldout`` the epoch whose model
-            fits the held-out suspects least, restored at the end.
+        select: ``last`` keeps the last epoch's model; ``heldout`` the epoch
+            :func:`select_epoch` picks from the suspects' fit and the clean fit, restored
+            at the end.
         patience: with ``heldout``, stop this many epochs after the best one (0: never).
+        clean_tolerance: with ``heldout``, how far (a share of the ``D_c`` sample) an
+            epoch's clean fit may fall below the recovered model's and the epoch still be
+            kept (0.02: the 2 points of clean accuracy the default may cost, issue 25).
     """
 
     epochs: int = 20
@@ -103,6 +214,7 @@ class GGA(Unlearner):
     holdout: float = 0.2
     select: Literal["last", "heldout"] = "heldout"
     patience: int = 5
+    clean_tolerance: float = 0.02
 
     def validate(self) -> None:
         check(self.epochs >= 0, "unlearner.epochs", "must be >= 0")
@@ -111,6 +223,7 @@ class GGA(Unlearner):
         check(0 <= self.holdout < 1, "unlearner.holdout", "must be in [0, 1)")
         check(self.select == "last" or self.holdout > 0, "unlearner.select", "'heldout' needs holdout > 0")
         check(self.patience >= 0, "unlearner.patience", "must be >= 0 (0: no early stop)")
+        check(0 <= self.clean_tolerance < 1, "unlearner.clean_tolerance", "must be in [0, 1) (a share of D_c)")
 
     def total_epochs(self) -> int:
         return self.epochs
@@ -145,33 +258,48 @@ class GGA(Unlearner):
         cap = ceiling if ceiling is not None else 10.0
 
         data = (ctx.images, ctx.labels)  # the training set as the unlearner sees it
+        clean_index = ctx.clean_index(len(engine.data), engine.device)  # held-out suspects are in neither set
+        clean_probe = clean_sample(clean_index, ctx.labels_of(engine), isolated, engine.seed)
 
-        def held_score() -> tuple[float, float]:
-            correct, losses = engine.train_fit(held, *data)
+        def score(index: torch.Tensor) -> tuple[float, float]:
+            correct, losses = engine.train_fit(index, *data)
             return float(correct.float().mean()), float(losses.clamp_max(cap).mean())
 
-        # measured on the recovered model, and kept in the engine's state with the best epoch
-        # so far: a run resumed mid-unlearning cannot measure them again
+        def clean_fit() -> float:
+            return engine.train_accuracy(clean_probe, *data)
+
+        # measured on the recovered model, and kept in the engine's state with the epochs'
+        # records and the best epoch so far: a run resumed mid-unlearning cannot measure them again
         saved = engine.state.setdefault("unlearning", {})
         if "fit_before" not in saved:
             saved["fit_before"] = engine.train_accuracy(unlearned, *data)
-            saved["held_before"] = held_score()[0] if len(held) else None
-        fit_before, held_before = saved["fit_before"], saved["held_before"]
+            saved["held_before"] = score(held)[0] if len(held) else None
+        if "clean_before" not in saved:  # apart: a checkpoint from before it was measured lacks it
+            saved["clean_before"] = clean_fit()
+        fit_before, held_before, clean_before = saved["fit_before"], saved["held_before"], saved["clean_before"]
         select = self.select == "heldout" and len(held) > 0
-        best: dict = saved.setdefault("best", {"key": None, "epoch": 0, "state": None, "fit": None})
+        records: list = saved.setdefault("records", [])  # EpochFit's fields, one list per epoch
+        best: dict = saved.setdefault("best", {"epoch": 0, "state": None})
+        tolerance = float(self.clean_tolerance)
 
         def watch(e: int) -> bool:
-            fit, loss = held_score()
-            # the per-epoch curves: held-out suspects, and the unlearned ones for comparison
-            engine.history[-1].update(heldout_fit=fit, heldout_loss=loss, unlearned_fit=engine.train_accuracy(unlearned, *data))
+            fit, loss = score(held)
+            unlearned_fit, unlearned_loss = score(unlearned)
+            clean = clean_fit()
+            # the per-epoch curves: held-out suspects, the unlearned ones for comparison, D_c
+            engine.history[-1].update(
+                heldout_fit=fit, heldout_loss=loss, unlearned_fit=unlearned_fit, unlearned_loss=unlearned_loss,
+                clean_fit=clean,
+            )
             if not select:
                 return False
-            key = [fit, -loss]
-            if best["key"] is None or key < best["key"]:
-                best.update(key=key, epoch=e, fit=fit, state={k: v.detach().clone() for k, v in engine.model.state_dict().items()})
+            del records[e:]  # a resumed epoch replaces its record
+            records.append([clean, fit, loss, unlearned_fit])
+            kept = select_epoch([EpochFit(*r) for r in records], clean_before, tolerance, len(held), len(unlearned))
+            if kept == e:
+                best.update(epoch=e, state={k: v.detach().clone() for k, v in engine.model.state_dict().items()})
             return bool(self.patience) and e - best["epoch"] >= int(self.patience)
 
-        clean_index = ctx.clean_index(len(engine.data), engine.device)  # held-out suspects are in neither set
         common = dict(
             epochs=self.epochs,
             lr=self.lr,
@@ -194,7 +322,8 @@ class GGA(Unlearner):
                 k: float(v) for k, v in engine.evaluate(full=True).items() if k in METRIC_KEYS
             }
         fit_after = engine.train_accuracy(unlearned, *data)
-        held_after = held_score()[0] if len(held) else None
+        held_after = score(held)[0] if len(held) else None
+        clean_after = clean_fit()
         decisive = held_after if held_after is not None else fit_after
         if decisive > 0.5:
             which = "held-out suspects" if held_after is not None else "isolated examples"
@@ -207,12 +336,22 @@ class GGA(Unlearner):
         out = {
             **final, "iso_fit_before": fit_before, "iso_fit_after": fit_after,
             "unlearn_weak": float(decisive > 0.5), "unlearn_epochs_run": float(epochs_run),
+            "clean_fit_before": clean_before, "clean_fit_after": clean_after,
             "stage_s": time.perf_counter() - t0,
         }
         if held_after is not None:
             out.update(iso_heldout_fit_before=held_before, iso_heldout_fit_after=held_after, iso_heldout_count=float(len(held)))
         if select:
             out["unlearn_epoch_kept"] = float(best["epoch"] + 1)
+            kept_clean = records[best["epoch"]][0] if records else clean_before
+            if kept_clean < clean_before - tolerance:
+                warnings.warn(
+                    f"ABL: every unlearning epoch lowered the clean fit (accuracy on D_c's training labels) by more "
+                    f"than clean_tolerance ({tolerance:g}) from the recovered model's {clean_before:.1%}; kept epoch "
+                    f"{best['epoch'] + 1}, the least damaged ({kept_clean:.1%}). Lower unlearning_lr, or check the "
+                    "isolation evidence.",
+                    stacklevel=3,
+                )
         return out
 
     def _run(
