@@ -632,8 +632,8 @@ def _evidence_note(rec: RunRecord) -> list[str]:
     if "unlearn_epoch_kept" in unl and unl["unlearn_epoch_kept"] < unl.get("unlearn_epochs_run", 0):
         lines += [
             f"> Unlearning ran {plural(unl['unlearn_epochs_run'], 'epoch')} and kept the model of epoch "
-            f"{unl['unlearn_epoch_kept']:.0f}, the one that fitted the held-out suspects least "
-            f"({fmt_rate(unl.get('iso_heldout_fit_after'))}).",
+            f"{unl['unlearn_epoch_kept']:.0f}: of the epochs that kept the clean fit, the one that fitted the "
+            f"suspects least (held-out suspects fitted: {fmt_rate(unl.get('iso_heldout_fit_after'))}).",
             "",
         ]
     if not iso.get("iso_weak"):

@@ -202,8 +202,12 @@ class ABL(Defense):
             (those it can simply memorise). 0 in ``paper`` and ``official``; 0.2 by default;
             null written in a config: 0, none held out.
         unlearning_select: ``last`` keeps the model after the last unlearning epoch;
-            ``heldout`` keeps the epoch whose model fits the held-out suspects least (ties:
-            the higher mean held-out loss, capped at the ceiling) and restores it at the end.
+            ``heldout`` keeps, among the epochs whose accuracy on a seeded sample of ``D_c``
+            stays within the GGA unlearner's ``clean_tolerance`` (0.02) of the recovered
+            model's, the one whose model fits the held-out suspects least (ties: the higher
+            mean held-out loss, capped at the ceiling, then the higher clean fit; with fewer
+            than 10 held-out suspects, the fit of all suspects), and restores it at the end
+            (``abl.unlearning.gga.select_epoch``).
         unlearning_patience: with ``heldout``, stop this many epochs after the best one
             (0, or null written in a config: run every epoch).
         min_separation: the isolation evidence is flagged weak (metric ``iso_weak`` = 1, a
