@@ -37,6 +37,7 @@ from abl.detectors.loss import (  # noqa: F401  (re-exported: the objectives' ol
 )
 from abl.engine import Engine
 from abl.errors import ConfigError
+from abl.isolation_count import DEFAULT_SPREADS, CountDecision, decide_count
 from abl.metrics import isolation_metrics
 from abl.stages import BackdoorSchedule
 from abl.unlearning import UNLEARNERS, Unlearner, UnlearnContext
@@ -146,7 +147,16 @@ class ABL(Defense):
             (appendix A.3) or ``official`` (the authors' code). The fields below that show a
             value per preset take it from the preset unless set.
         gamma: LGA threshold / flooding level (0.5).
-        isolation_rate: fraction ``p`` of the training set isolated as ``D_b`` (0.01).
+        isolation_rate: fraction ``p`` of the training set isolated as ``D_b`` (0.01), with
+            ``isolation_count: fixed``.
+        isolation_count: ``fixed`` isolates ``isolation_rate`` of the training set (every
+            preset); ``auto`` isolates the examples whose scores stand apart, per label
+            (:mod:`abl.isolation_count`): none when nothing does (then there is no
+            unlearning, recovery trains on every example, and the run reports "no backdoor
+            evidence": ``iso_count`` 0, ``iso_evidence`` 0), all of them at 10-20% poisoning.
+        isolation_spreads: with ``auto``, how many spreads (median absolute deviations of
+            all scores) below the median a score must sit to stand apart (6: clean tails
+            reach about 5, learned poisons 8-14).
         isolation_loss: ``lga_batch`` (LGA on the batch mean, every preset but
             ``official``), ``lga`` (per example: 0.0% precision at full CIFAR-10 scale,
             never a preset's choice) or ``flooding`` (the authors' default).
@@ -251,6 +261,8 @@ class ABL(Defense):
     preset: Literal["default", "paper", "official"] = "default"
     gamma: float = 0.5
     isolation_rate: float = 0.01
+    isolation_count: Literal["fixed", "auto"] = "fixed"
+    isolation_spreads: float = DEFAULT_SPREADS
     isolation_loss: Literal["lga", "lga_batch", "flooding"] | None = None
     isolation_epochs: int | None = None
     isolation_lr: float | None = None
@@ -295,6 +307,7 @@ class ABL(Defense):
             self.unlearning_epoch = "isolated"
         check(self.gamma >= 0, "defense.gamma", "must be >= 0")
         check(0 < self.isolation_rate < 1, "defense.isolation_rate", f"must be in (0, 1), got {self.isolation_rate}")
+        check(self.isolation_spreads > 0, "defense.isolation_spreads", f"must be > 0, got {self.isolation_spreads}")
         check(self.isolation_epochs >= 1, "defense.isolation_epochs", "must be >= 1")  # type: ignore[operator]
         check(
             0 <= self.rank_epochs <= self.isolation_epochs,  # type: ignore[operator]
@@ -375,9 +388,17 @@ class ABL(Defense):
         before = det.training_epochs() + (self.backdoor.epochs if det.uses_backdoored else 0)
         return before + int(self.recovery_epochs) + self.unlearner_part().total_epochs()  # type: ignore[arg-type]
 
-    def isolate(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The lowest ``isolation_rate`` fraction of per-example ``scores``: (indices, scores),
-        lowest first."""
+    def isolate(self, scores: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples to isolate from per-example ``scores`` (lowest = most suspicious):
+        (indices, scores), lowest first. ``fixed``: the lowest ``isolation_rate`` fraction;
+        ``auto``: those that stand apart per label (``labels``, the training labels), which
+        may be none; the decision is kept in ``self.count_decision``."""
+        if self.isolation_count == "auto":
+            if labels is None:
+                raise ConfigError("'defense.isolation_count' auto needs the training labels to decide the count")
+            self.count_decision = decide_count(scores, labels, spreads=self.isolation_spreads)
+            order = self.count_decision.indices.to(scores.device)
+            return order, scores[order]
         k = max(1, int(len(scores) * self.isolation_rate))
         order = torch.argsort(scores, stable=True)[:k]
         return order, scores[order]
@@ -397,7 +418,7 @@ class ABL(Defense):
 
     def check_run(self, n_train: int) -> None:
         """What only the whole defense needs (its parts stay usable alone, e.g. isolation
-        studies): an unlearning stage, and an isolated set of at least one example."""
+        studies): an unlearning stage, and with ``fixed`` an isolated set of at least one example."""
         if self.unlearning != "none" and getattr(self.unlearner_part(), "epochs", None) == 0:
             # isolation + recovery alone is a different defense; its result must not be read as ABL's
             raise ConfigError(
@@ -405,7 +426,7 @@ class ABL(Defense):
                 "set defense.unlearning=none to run isolation and recovery only, or give it epochs"
             )
         count = n_train * self.isolation_rate
-        if count < 1:
+        if self.isolation_count == "fixed" and count < 1:  # auto may isolate none: a decision, not an error
             raise ConfigError(
                 f"'defense.isolation_rate' {self.isolation_rate:g} of the {n_train} training examples isolates "
                 f"{count:.3g} examples (< 1); raise it to at least {1 / n_train:.3g}"
@@ -435,7 +456,8 @@ class ABL(Defense):
                 opt, metrics["recovery"] = self.run_recovery(engine, lookup)
             self._store_isolation(engine, metrics)
         iso_keys = {k: v for k, v in metrics["isolation"].items() if k.startswith("iso_")}
-        if self.unlearner_part().total_epochs():
+        # nothing isolated (``auto`` saw no backdoor evidence): nothing to unlearn
+        if self.unlearner_part().total_epochs() and len(isolated):
             metrics["unlearning"] = self.run_unlearning(engine, lookup, opt)
         # the last stage's figures: unlearning may have restored an earlier epoch's model
         last = metrics.get("unlearning") or metrics.get("recovery") or metrics["isolation"]
@@ -473,19 +495,29 @@ class ABL(Defense):
         """Isolate from every example's ranking ``scores`` and measure the decision: what
         follows the scoring in stage 1, whether the scores were just computed or cached."""
         self._scores = scores  # every example's, for the stage cache
-        isolated, isolated_scores = self.isolate(scores)
+        isolated, isolated_scores = self.isolate(scores, engine.data.labels)
         iso = isolation_metrics(isolated, engine.data.poison_mask)
         iso["iso_auprc"] = detection_metrics((-scores).cpu(), engine.data.poison_mask.cpu(), self.isolation_rate)["auprc"]
-        evidence = isolation_evidence(scores, isolated, engine.data.labels, evidence_scale(self.detector_part()))
-        why = self.weak_evidence(evidence)
-        evidence["iso_weak"] = float(bool(why))
-        if why:
-            warnings.warn(
-                f"ABL: weak isolation evidence: {'; '.join(why)}; the isolated "
-                "examples may be clean examples, and unlearning them costs clean accuracy. Check the "
-                "loss curves and the isolated pictures in the report.",
-                stacklevel=3,
-            )
+        if len(isolated):
+            evidence = isolation_evidence(scores, isolated, engine.data.labels, evidence_scale(self.detector_part()))
+            why = self.weak_evidence(evidence)
+            evidence["iso_weak"] = float(bool(why))
+            if why:
+                warnings.warn(
+                    f"ABL: weak isolation evidence: {'; '.join(why)}; the isolated "
+                    "examples may be clean examples, and unlearning them costs clean accuracy. Check the "
+                    "loss curves and the isolated pictures in the report.",
+                    stacklevel=3,
+                )
+        else:  # ``auto`` found nothing standing apart: no isolated set whose evidence could be weak
+            evidence = {"iso_separation": 0.0, "iso_top_label_share": 0.0, "iso_weak": 0.0}
+        if self.isolation_count == "auto":
+            decision: CountDecision = self.count_decision
+            evidence["iso_evidence"] = float(decision.evidence)
+            evidence["count_threshold"] = decision.threshold  # no ``iso_`` prefix: a score, not a share
+            if not decision.evidence:
+                warnings.warn(f"ABL: {decision.reason}; nothing isolated, so no unlearning, and recovery "
+                              "trains on every example", stacklevel=3)
         stage = {**model_metrics, **iso, **evidence, "stage_s": stage_s, "rank_s": rank_s}
         return isolated, isolated_scores, stage
 
@@ -523,6 +555,10 @@ class ABL(Defense):
         return {
             "detector": to_plain(det),
             "isolation_rate": self.isolation_rate,
+            # recovery trains on D_c, so this stage depends on the count rule; ``fixed`` adds no
+            # key, so that the stages cached before the rule existed stay valid
+            **({"isolation_count": {"rule": self.isolation_count, "spreads": self.isolation_spreads}}
+               if self.isolation_count != "fixed" else {}),
             "backdoor": to_plain(self.backdoor) if det.uses_backdoored else None,
             "recovery": {f: to_plain(getattr(self, f)) for f in (
                 "recovery_epochs", "recovery_lr", "recovery_milestones", "recovery_lr_factor", "recovery_data",
@@ -555,10 +591,10 @@ class ABL(Defense):
         engine.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         engine.adopt_phases(meta["phases"], meta["history"], tensors["example_losses"])
         scores = tensors["scores"].to(engine.device)
-        isolated, isolated_scores = self.isolate(scores)
+        isolated, isolated_scores = self.isolate(scores, engine.data.labels)
         metrics = {k: dict(v) for k, v in meta["metrics"].items()}
         iso = metrics["isolation"]
-        iso["iso_weak"] = float(bool(self.weak_evidence(iso)))
+        iso["iso_weak"] = float(bool(len(isolated) and self.weak_evidence(iso)))
         iso.update(stage_hit=1.0, stage_load_s=time.perf_counter() - t0)
         return isolated, isolated_scores, metrics
 
@@ -569,7 +605,7 @@ class ABL(Defense):
         spec = self._isolation_spec(engine)
         if spec is None:
             return None
-        return {k: v for k, v in spec.items() if k not in ("isolation_rate", "recovery")}
+        return {k: v for k, v in spec.items() if k not in ("isolation_rate", "isolation_count", "recovery")}
 
     def _cached_scores(self, engine: Engine) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]] | None:
         """The isolation phase from the cache (its model, history, loss record and every

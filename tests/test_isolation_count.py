@@ -1,0 +1,230 @@
+"""Deciding how many examples to isolate from the scores (issue 25): the rules on planted
+scores, on a stored real score vector, and ABL's ``isolation_count: auto`` end to end."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from abl.errors import ConfigError
+from abl.isolation_count import CHOICE, RULES, binomial_sf, decide_count
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def clean_scores(n: int = 5000, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-loss-like scores of a clean run: one smooth distribution, labels balanced."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=gen) - 1.5, torch.arange(n) % classes
+
+
+def test_no_attack_isolates_nothing():
+    for seed in range(5):
+        s, y = clean_scores(seed=seed)
+        d = decide_count(s, y)
+        assert d.count == 0 and not d.evidence and d.labels == []
+        assert d.reason.startswith("no backdoor evidence")
+
+
+def test_a_planted_low_cluster_in_one_label_is_isolated_exactly():
+    s, y = clean_scores()
+    planted = torch.arange(0, 500, 10)[:40]  # 40 examples, all of label 0
+    assert bool((y[planted] == 0).all())
+    s[planted] = -12.0 + 0.1 * torch.randn(40, generator=torch.Generator().manual_seed(1))
+    d = decide_count(s, y)
+    assert d.labels == [0]
+    assert sorted(d.indices.tolist()) == sorted(planted.tolist())
+    assert bool((s[d.indices][1:] >= s[d.indices][:-1]).all()), "most suspicious first"
+    assert d.below[0] == 40 and d.expected[0] < 1
+
+
+def test_twenty_percent_planted_are_all_isolated():
+    s, y = clean_scores()
+    poisons = torch.randperm(5000, generator=torch.Generator().manual_seed(2))[:1000]
+    y[poisons] = 3  # all-to-one: every poison carries the target label
+    s[poisons] = -11.0 + torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    d = decide_count(s, y)
+    assert d.labels == [3] and d.count == 1000
+    assert set(d.indices.tolist()) == set(poisons.tolist())
+
+
+def test_a_clean_tail_spread_over_the_labels_is_not_isolated():
+    """Far-low examples in every label as chance predicts: the per-label rule isolates none,
+    where the label-blind threshold takes them all."""
+    s, y = clean_scores()
+    tail = torch.arange(0, 5000, 101)[:50]  # 50 examples, 5 per label
+    assert torch.bincount(y[tail]).tolist() == [5] * 10
+    s[tail] = -12.0
+    d = decide_count(s, y, "label_excess")
+    assert d.count == 0 and d.reason.endswith("spread over the labels as chance predicts")
+    assert decide_count(s, y, "threshold").count == sum(d.below.values()) >= 50
+
+
+def test_binomial_tail_is_exact():
+    from math import comb
+
+    for k, n, p in ((3, 10, 0.2), (0, 5, 0.5), (7, 7, 0.9), (12, 500, 0.002)):
+        exact = sum(comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+        assert binomial_sf(k, n, p) == pytest.approx(exact, rel=1e-9)
+
+
+def test_bad_inputs_are_refused():
+    s, y = clean_scores(100)
+    with pytest.raises(ConfigError, match="100 scores but 99 labels"):
+        decide_count(s, y[:99])
+    bad = s.clone()
+    bad[3] = float("nan")
+    with pytest.raises(ConfigError, match="NaN or infinite"):
+        decide_count(bad, y)
+    with pytest.raises(ConfigError, match="unknown isolation count rule 'gmm'"):
+        decide_count(s, y, "gmm")
+    with pytest.raises(ConfigError, match="spreads must be > 0"):
+        decide_count(s, y, spreads=0)
+
+
+def test_the_per_label_rules_isolate_nothing_on_clean_scores():
+    """The label-blind threshold is not among them: on 5,000 normal scores, 6 MADs (4.0 sd)
+    below the median leave about 0.13 examples by chance, and this draw holds one."""
+    s, y = clean_scores()
+    assert CHOICE in RULES
+    for rule in ("label_excess", "mixture"):
+        assert decide_count(s, y, rule).count == 0, rule
+    assert decide_count(s, y, "threshold").count == 1
+
+
+def test_a_stored_real_score_vector():
+    """A real isolation's scores (trajectory ranking, 20 epochs of batch-mean LGA), its
+    labels after poisoning and its poison mask (tests/fixtures/README.md says which run)."""
+    with np.load(FIXTURES / "isolation_scores_badnets.npz", allow_pickle=False) as f:
+        s, y, mask = (torch.from_numpy(f[k]) for k in ("scores", "labels", "poison_mask"))
+    d = decide_count(s.float(), y.long())
+    assert d.labels == [0]
+    picked = mask[d.indices]
+    assert bool(picked.all()), "every isolated example is a poison"
+    assert d.count > int(0.01 * len(s)), "more than the fixed 1% would have isolated"
+    with np.load(FIXTURES / "isolation_scores_clean.npz", allow_pickle=False) as f:
+        s, y = torch.from_numpy(f["scores"]).float(), torch.from_numpy(f["labels"]).long()
+    assert decide_count(s, y).count == 0
+
+
+# -- ABL with ``isolation_count: auto`` on the digits --------------------------------------
+
+def _digits_engine(poisoned: bool):
+    from abl.attacks import ATTACKS
+    from abl.data import DATASETS
+    from abl.data.types import PoisonedSet
+    from abl.engine import Engine, TrainConfig
+    from abl.models import MODELS
+
+    splits = DATASETS.create({"name": "digits"}).load()
+    if poisoned:
+        attack = ATTACKS.create({"name": "badnets", "rate": 0.1})
+        attack.setup(splits.image_size, splits.num_classes)
+        data, trig = attack.poison(splits.train), attack.triggered_test(splits.test)
+    else:
+        labels = splits.train.labels
+        data = PoisonedSet(splits.train.images, labels, labels.clone(), torch.zeros(len(labels), dtype=torch.bool))
+        trig = None
+    torch.manual_seed(0)
+    model = MODELS.create({"name": "small_cnn", "width": 16}).build(10, splits.image_size)
+    return Engine(model, data, splits.test, trig, TrainConfig(progress=False, batch_size=128, eval_every=0), seed=0)
+
+
+def _run_auto(engine):
+    from abl.defenses import DEFENSES
+
+    abl = DEFENSES.create({"name": "abl", "isolation_count": "auto", "recovery_epochs": 2, "unlearning_epochs": 2})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = abl.run(engine)
+    return abl, result, [str(w.message) for w in caught]
+
+
+def test_auto_on_clean_digits_isolates_nothing_and_does_not_unlearn():
+    engine = _digits_engine(poisoned=False)
+    abl, result, said = _run_auto(engine)
+    assert len(result.isolated) == 0
+    iso = result.metrics["isolation"]
+    assert iso["iso_count"] == 0 and iso["iso_evidence"] == 0 and iso["iso_weak"] == 0
+    assert "unlearning" not in result.metrics
+    assert [h["phase"] for h in engine.history] == ["isolation"] * 20 + ["recovery"] * 2
+    # recovery trained every example: nothing was set aside
+    assert bool(engine.loss_matrix()[20:].isfinite().all())
+    assert result.metrics["final"]["iso_evidence"] == 0
+    assert any("no backdoor evidence" in m for m in said)
+
+
+def test_auto_on_poisoned_digits_isolates_poisons_only():
+    engine = _digits_engine(poisoned=True)
+    abl, result, said = _run_auto(engine)
+    iso = result.metrics["isolation"]
+    mask = engine.data.poison_mask
+    assert iso["iso_evidence"] == 1 and iso["iso_precision"] == 1.0
+    # more than the fixed 1% (13 of 1,347), all of them poisons
+    assert len(result.isolated) > int(0.01 * len(mask)) and bool(mask[result.isolated].all())
+    assert "unlearning" in result.metrics
+    assert not any("no backdoor evidence" in m for m in said)
+
+
+def test_auto_is_an_option_and_fixed_keeps_its_rule():
+    from abl.defenses import DEFENSES
+
+    for preset in ("default", "paper", "official"):
+        assert DEFENSES.create({"name": "abl", "preset": preset}).isolation_count == "fixed"
+    with pytest.raises(ConfigError, match="isolation_count"):
+        DEFENSES.create({"name": "abl", "isolation_count": "adaptive"})
+    with pytest.raises(ConfigError, match="isolation_spreads"):
+        DEFENSES.create({"name": "abl", "isolation_spreads": 0})
+    # the "< 1 example" refusal is fixed's: auto may isolate none by decision
+    tiny = DEFENSES.create({"name": "abl", "isolation_rate": 0.001})
+    with pytest.raises(ConfigError, match="isolates"):
+        tiny.check_run(500)
+    DEFENSES.create({"name": "abl", "isolation_rate": 0.001, "isolation_count": "auto"}).check_run(500)
+    s, y = clean_scores(1000)
+    s[:5] = -20.0
+    fixed = DEFENSES.create({"name": "abl", "isolation_rate": 0.01})
+    assert len(fixed.isolate(s)[0]) == 10  # the lowest 1%, labels unused
+    auto = DEFENSES.create({"name": "abl", "isolation_count": "auto"})
+    with pytest.raises(ConfigError, match="needs the training labels"):
+        auto.isolate(s)
+
+
+def test_auto_shares_the_isolation_phase_but_not_the_isolated_stage(tmp_path):
+    """The scores do not depend on the count rule, so an ``auto`` run reads the isolation
+    phase a ``fixed`` run cached; recovery trains on D_c, so the isolation+recovery stage is
+    keyed on the rule and an ``auto`` run never takes a ``fixed`` run's."""
+    import copy
+
+    from abl.experiment import build_experiment, run_experiment
+    from abl.store import RunStore
+
+    base = {
+        "name": "count", "seed": 0, "dataset": {"name": "digits"}, "model": {"name": "small_cnn", "width": 8},
+        "attack": {"name": "badnets", "rate": 0.1, "target": 0},
+        "defense": {"name": "abl", "isolation_epochs": 4, "isolation_lr": 0.05, "recovery_epochs": 1,
+                    "recovery_lr": 0.05, "unlearning_epochs": 1, "cache_stages": True},
+        "train": {"batch_size": 64, "eval_subset": 0, "progress": False, "threads": 1, "checkpoint_every_s": 0},
+        "output": {"runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"), "save_model": False},
+    }
+
+    def run(count: str):
+        raw = copy.deepcopy(base)
+        raw["defense"]["isolation_count"] = count
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return run_experiment(build_experiment(raw), RunStore(tmp_path / "runs"))
+
+    fixed = run("fixed")
+    auto = run("auto")
+    iso = auto.metrics["isolation"]
+    assert iso["scores_hit"] == 1.0 and iso["stage_hit"] == 0.0
+    assert auto.json("stages")["scored"]["key"] == fixed.json("stages")["scored"]["key"]
+    assert auto.json("stages")["isolated"]["key"] != fixed.json("stages")["isolated"]["key"]
+    again = run("auto")
+    assert again.metrics["isolation"]["stage_hit"] == 1.0
+    assert again.metrics["isolation"]["iso_count"] == iso["iso_count"]
+    assert again.metrics["isolation"]["iso_weak"] == iso["iso_weak"]
