@@ -514,11 +514,17 @@ def _execute(
             engine.enable_checkpoints(save_checkpoint)
         if resume is not None:
             engine.resume_from(resume)
-        result = exp.defense.run(engine)
-        stages = dict(engine.state.get("stages") or {})
         control = None
         if exp.attack is not None and exp.attack.control:
-            control = run_control(exp, prep)
+            # before the run's own training: in a sweep, a control that another cell is
+            # computing makes this cell yield its worker ("busy", its attempt dropped), which
+            # must happen while nothing of it has been trained. The global RNG is restored so
+            # that the run trains as it would without the control.
+            with torch.random.fork_rng(devices=[]):
+                control = run_control(exp, prep)
+        result = exp.defense.run(engine)
+        stages = dict(engine.state.get("stages") or {})
+        if control is not None:
             stages["control"] = {"key": control["key"], "hit": control["hit"]}
         if stages:  # which cached stages it used or made, by key
             writer.save_json("stages", stages)

@@ -467,3 +467,45 @@ def test_a_worker_without_the_drivers_filesystem_still_delivers_its_run(tmp_path
     assert set(finished_cells(store)) == {cell.cell_id}
     assert (store.root / rec.run_id / "model.safetensors").is_file()
     assert ingest(store, result).run_id == rec.run_id and len(store.list_runs()) == 1  # a second delivery adds nothing
+
+
+def test_a_run_whose_control_is_busy_stops_before_training(tmp_path):
+    """The clean-model control is claimed before the run trains anything: a cell whose
+    control another process is computing yields ("busy", its attempt dropped) without
+    throwing away trained epochs (found in the threat matrix: a finished 31-epoch cell was
+    dropped when its control turned out busy)."""
+    from abl.experiment import run_experiment
+    from abl.stages import StageBusy, StageLock, no_stage_waiting
+
+    raw = {**BASE, "attack": {**BASE["attack"], "control": True}, "defense": {"name": "none", "epochs": 2},
+           "train": {**BASE["train"], "threads": 1}}
+    probe = build_experiment({**raw, "output": {"cache_dir": str(tmp_path / "probe"), "runs_dir": str(tmp_path / "p")}})
+    run_experiment(probe, RunStore(tmp_path / "p"))
+    (stage,) = (tmp_path / "probe" / "stages").glob("control-*.safetensors")
+    lock = StageLock(tmp_path / "cache" / "stages" / stage.name).acquire()
+    epochs: list[dict] = []
+    try:
+        exp = build_experiment({**raw, "output": {"cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "r")}})
+        with pytest.raises(StageBusy), no_stage_waiting():
+            run_experiment(exp, RunStore(tmp_path / "r"), on_epoch=epochs.append)
+    finally:
+        lock.release()
+    assert epochs == [], "no epoch of the run was trained before the busy control was found"
+
+
+def test_the_control_does_not_change_the_run(tmp_path):
+    """Computing the control first leaves the run's own training as it is without it."""
+    import torch
+
+    from abl.experiment import run_experiment
+
+    raw = {**BASE, "defense": {"name": "none", "epochs": 2}, "train": {**BASE["train"], "threads": 1}}
+    runs = []
+    for control in (False, True):
+        exp = build_experiment({**raw, "attack": {**BASE["attack"], "control": control},
+                                "output": {"cache_dir": str(tmp_path / f"c{control}"), "runs_dir": str(tmp_path / "r"),
+                                           "save_model": True}})
+        runs.append(run_experiment(exp, RunStore(tmp_path / "r")))
+    a, b = (r.tensors("model") for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "control_asr" in runs[1].final_metrics and "control_asr" not in runs[0].final_metrics
