@@ -8,7 +8,7 @@ epochs, as ``abl.detectors.loss.TrainedIsolation.ranking_scores``), and prints p
 attack, rate, poisons, and for the fixed 1% and each rule of ``abl.isolation_count`` the
 count chosen, its precision and recall.
 
-    python benchmarks/isolation_count.py RUN_DIR_OR_GLOB [...] [--spreads 6] [--npz-out DIR]
+    python benchmarks/isolation_count.py RUN_DIR_OR_GLOB [...] [--spreads K] [--npz-out DIR]
 
 Reads only; never writes into the runs. ``--npz-out`` saves scores, labels and the poison
 mask of each run (a test fixture is one of these).
@@ -28,7 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from abl.experiment import TOP_LEVEL, build_experiment  # noqa: E402
-from abl.isolation_count import DEFAULT_ALPHA, DEFAULT_SPREADS, RULES, decide_count  # noqa: E402
+from abl.isolation_count import DEFAULT_ALPHA, RULES, decide_count  # noqa: E402
 
 
 def run_labels(run: Path) -> np.ndarray:
@@ -68,7 +68,7 @@ def describe(run: Path) -> tuple[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="run folders or globs")
-    ap.add_argument("--spreads", type=float, default=DEFAULT_SPREADS)
+    ap.add_argument("--spreads", type=float, default=None, help="every rule's spreads (default: each rule's own)")
     ap.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
     ap.add_argument("--npz-out", type=Path, default=None)
     args = ap.parse_args(argv)

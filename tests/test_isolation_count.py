@@ -50,6 +50,22 @@ def test_twenty_percent_planted_are_all_isolated():
     d = decide_count(s, y)
     assert d.labels == [3] and d.count == 1000
     assert set(d.indices.tolist()) == set(poisons.tolist())
+    # the null is the other labels' rate, which the 1,000 do not inflate
+    assert d.expected[3] < 2
+    e = decide_count(s, y, "label_excess")
+    assert e.labels == [3] and e.expected[3] < 2
+
+
+def test_an_easier_label_is_not_a_backdoor():
+    """Classes are learned at different speeds (on the digits, 0 and 4 sit lowest): a whole
+    label shifted 4 spreads down is an easy class, not poisons, and is isolated nowhere."""
+    s, y = clean_scores()
+    mad = float((s - s.median()).abs().median())
+    s[y == 0] -= 4 * mad
+    assert decide_count(s, y).count == 0
+    # the unshifted per-label test takes the easy class's tail; the shifted one does not
+    assert decide_count(s, y, "label_excess").labels == [0]
+    assert decide_count(s, y, "shifted_excess").count == 0
 
 
 def test_a_clean_tail_spread_over_the_labels_is_not_isolated():
@@ -62,6 +78,9 @@ def test_a_clean_tail_spread_over_the_labels_is_not_isolated():
     d = decide_count(s, y, "label_excess")
     assert d.count == 0 and d.reason.endswith("spread over the labels as chance predicts")
     assert decide_count(s, y, "threshold").count == sum(d.below.values()) >= 50
+    # every label has a far-low mode of 5 here; the other labels hold as many below it
+    d = decide_count(s, y)
+    assert d.count == 0 and d.reason.startswith("no backdoor evidence")
 
 
 def test_binomial_tail_is_exact():
@@ -91,21 +110,22 @@ def test_the_per_label_rules_isolate_nothing_on_clean_scores():
     below the median leave about 0.13 examples by chance, and this draw holds one."""
     s, y = clean_scores()
     assert CHOICE in RULES
-    for rule in ("label_excess", "mixture"):
+    for rule in ("label_excess", "shifted_excess", "mixture"):
         assert decide_count(s, y, rule).count == 0, rule
     assert decide_count(s, y, "threshold").count == 1
 
 
 def test_a_stored_real_score_vector():
-    """A real isolation's scores (trajectory ranking, 20 epochs of batch-mean LGA), its
-    labels after poisoning and its poison mask (tests/fixtures/README.md says which run)."""
+    """A real isolation's scores (CIFAR-10 slice, BadNets 10%, trajectory ranking after 20
+    epochs of batch-mean LGA), its labels after poisoning and its poison mask, and a clean
+    run's (tests/fixtures/README.md says which runs)."""
     with np.load(FIXTURES / "isolation_scores_badnets.npz", allow_pickle=False) as f:
         s, y, mask = (torch.from_numpy(f[k]) for k in ("scores", "labels", "poison_mask"))
     d = decide_count(s.float(), y.long())
     assert d.labels == [0]
-    picked = mask[d.indices]
-    assert bool(picked.all()), "every isolated example is a poison"
-    assert d.count > int(0.01 * len(s)), "more than the fixed 1% would have isolated"
+    tp = int(mask[d.indices].sum())
+    # measured: 515 isolated, 495 of the 500 poisons (the fixed 1% takes 50)
+    assert tp / d.count >= 0.95 and tp / int(mask.sum()) >= 0.95
     with np.load(FIXTURES / "isolation_scores_clean.npz", allow_pickle=False) as f:
         s, y = torch.from_numpy(f["scores"]).float(), torch.from_numpy(f["labels"]).long()
     assert decide_count(s, y).count == 0
@@ -214,6 +234,8 @@ def test_auto_shares_the_isolation_phase_but_not_the_isolated_stage(tmp_path):
     def run(count: str):
         raw = copy.deepcopy(base)
         raw["defense"]["isolation_count"] = count
+        if count == "auto":  # nothing can stand apart: the zero-isolated path through the cache
+            raw["defense"]["isolation_spreads"] = 1e6
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return run_experiment(build_experiment(raw), RunStore(tmp_path / "runs"))
@@ -224,7 +246,8 @@ def test_auto_shares_the_isolation_phase_but_not_the_isolated_stage(tmp_path):
     assert iso["scores_hit"] == 1.0 and iso["stage_hit"] == 0.0
     assert auto.json("stages")["scored"]["key"] == fixed.json("stages")["scored"]["key"]
     assert auto.json("stages")["isolated"]["key"] != fixed.json("stages")["isolated"]["key"]
+    assert iso["iso_count"] == 0 and iso["iso_weak"] == 0 and "unlearning" not in auto.metrics
     again = run("auto")
     assert again.metrics["isolation"]["stage_hit"] == 1.0
-    assert again.metrics["isolation"]["iso_count"] == iso["iso_count"]
-    assert again.metrics["isolation"]["iso_weak"] == iso["iso_weak"]
+    assert again.metrics["isolation"]["iso_count"] == 0 and again.metrics["isolation"]["iso_weak"] == 0
+    assert "unlearning" not in again.metrics
