@@ -266,3 +266,14 @@ def test_auto_shares_the_isolation_phase_but_not_the_isolated_stage(tmp_path):
     assert again.metrics["isolation"]["stage_hit"] == 1.0
     assert again.metrics["isolation"]["iso_count"] == 0 and again.metrics["isolation"]["iso_weak"] == 0
     assert "unlearning" not in again.metrics
+
+
+def test_the_threshold_counts_examples_more_than_six_spreads_down():
+    """The threshold rules' cut: 6 pooled spreads (clean tails reached 5.9 on the CIFAR-10 slice)."""
+    s, y = clean_scores()
+    med = float(s.median())
+    mad = float((s - s.median()).abs().median())
+    s[:10] = med - 5.0 * mad  # within a clean tail's reach: not taken
+    s[10:20] = med - 7.0 * mad
+    d = decide_count(s, y, "threshold")
+    assert set(d.indices.tolist()) >= set(range(10, 20)) and not set(d.indices.tolist()) & set(range(10))
