@@ -198,7 +198,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     command = "abl " + shlex.join(args.argv)
     rep = reproduce(args.table, args.scale, ctx, args.runs_dir, args.out, rows=args.rows, cols=args.cols, seeds=args.seeds,
-                    overrides=args.set, command=command, progress=lambda line: print(line, flush=True),
+                    overrides=args.set, table_only=args.table_only, command=command,
+                    progress=lambda line: print(line, flush=True),
                     **_sweep_options(args))
     print(rep.markdown)
     print(f"table: {rep.table_path}" + (f"; figure: {rep.figure_path}" if rep.figure_path else ""))
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="results folder (default: runs)")
     p.add_argument("--out", default="reproduce", help="folder for the Markdown table and the figure (default: reproduce)")
     p.add_argument("--dry-run", action="store_true", help="print each cell (or why it is not run) and run nothing")
+    p.add_argument("--table-only", action="store_true",
+                   help="write the table from the cells already finished in --runs-dir and run nothing "
+                        "(a grid run in parts; the other cells read 'not run yet')")
     _sweep_args(p)
     p.set_defaults(func=_cmd_reproduce)
 

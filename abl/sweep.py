@@ -584,6 +584,18 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def collect_sweep(grid: Grid, runs_dir: str | Path, cpus_per_run: float = 1) -> SweepResult:
+    """The cells of ``grid`` already finished in the store at ``runs_dir``, running nothing
+    and starting no Ray: the table of a grid run in parts (``abl reproduce --table-only``).
+    Cells not finished are neither in ``records`` nor in ``failed``."""
+    if not Path(runs_dir).is_dir():
+        raise AblError(f"runs folder '{runs_dir}' does not exist: run the grid first, or point --runs-dir at its runs")
+    cells = grid.cells(threads=max(1, int(cpus_per_run)))
+    done = dict(CellIndex(RunStore(runs_dir)).refresh())
+    records = {c.cell_id: done[c.cell_id] for c in cells if c.cell_id in done}
+    return SweepResult(grid, cells, records, len(records), {}, 0.0)
+
+
 def run_sweep(
     grid: Grid,
     runs_dir: str | Path,
