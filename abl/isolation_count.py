@@ -58,7 +58,7 @@ digits, <= 5% or Blend/SIG        13, P<=.77  0-2          0             0-5    
 ``mixture`` is the only rule that takes all the BadNets poisons at 10% on CIFAR-10 (the
 thresholds stop at 59%; Blend 10%: 97%, against 53%: the poisons' scores spread from 3.3 to 10.2 spreads below the
 median, 5th to 95th percentile, while clean tails of other labels reach 5.9) and isolates nothing
-on either clean run. Its misses: the digits BadNets 20% seed 0 and Blend (low modes not
+on either clean run. Its misses, on the digits: BadNets 20% seed 0 and Blend (low modes not
 far enough from the target class's clean examples, which are easy digits too), where the
 fixed 1% finds poisons at up to 100% precision but 5-10% recall.
 """
