@@ -67,6 +67,8 @@ METRIC_LABELS = {
     "stage_hit": "Stage from cache",
     "stage_load_s": "Stage load time",
     "scores_hit": "Isolation scores from cache",
+    "iso_evidence": "Backdoor evidence",
+    "count_threshold": "Isolation count threshold",
     "scores_load_s": "Isolation scores load time",
     "control_asr": "ASR (clean model)",
     "n_poison": "Poisoned examples",
@@ -89,7 +91,7 @@ _UNKNOWN_RGB = (128, 128, 128)
 #: metrics that count something (shown as integers)
 COUNT_METRICS = ("iso_count", "iso_heldout_count", "unlearn_epochs_run", "unlearn_epoch_kept", "n_poison", "removed")
 #: metrics that are 0/1 flags (shown as yes / no)
-FLAG_METRICS = ("iso_weak", "unlearn_weak", "stage_hit", "scores_hit")
+FLAG_METRICS = ("iso_weak", "unlearn_weak", "stage_hit", "scores_hit", "iso_evidence")
 
 
 def fmt_rate(value: float | None) -> str:
@@ -688,7 +690,11 @@ def _run_section(rec: RunRecord, out_dir: Path) -> list[str]:
         lines += ["### Neural Cleanse: reversed triggers", "",
                   f"![Reversed trigger per class]({stem}-nc-triggers.png)", ""]
     csv_path = out_dir / f"{stem}-isolated.csv"
-    if write_isolated_csv(rec, csv_path):
+    n_none = len(rec.array("isolated_indices")) if rec.has_array("isolated_indices") else None
+    if n_none == 0:  # ``isolation_count: auto`` found no backdoor evidence
+        lines += ["No example was isolated: nothing stood apart from the rest (no backdoor evidence), so "
+                  "nothing was unlearned.", ""]
+    elif write_isolated_csv(rec, csv_path):
         n_iso = len(rec.array("isolated_indices")) if rec.has_array("isolated_indices") else None
         n_img = len(rec.array("isolated_images")) if rec.has_array("isolated_images") else 0
         shown = min(n_img, MAX_TILES)

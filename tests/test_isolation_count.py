@@ -277,3 +277,22 @@ def test_the_threshold_counts_examples_more_than_six_spreads_down():
     s[10:20] = med - 7.0 * mad
     d = decide_count(s, y, "threshold")
     assert set(d.indices.tolist()) >= set(range(10, 20)) and not set(d.indices.tolist()) & set(range(10))
+
+
+def test_the_report_of_a_run_that_isolated_nothing_says_so(tmp_path):
+    """``abl report`` on an ``auto`` run with no backdoor evidence: one plain sentence, not
+    "0 examples were isolated; the picture shows it", and the evidence flag as yes/no."""
+    from abl.experiment import build_experiment, run_experiment
+    from abl.report import write_report
+    from abl.store import RunStore
+
+    raw = {"name": "clean-auto", "dataset": {"name": "digits"}, "model": {"name": "small_cnn", "width": 8},
+           "defense": {"name": "abl", "isolation_count": "auto", "recovery_epochs": 1, "unlearning_epochs": 1},
+           "train": {"batch_size": 64, "eval_subset": 0, "progress": False, "threads": 1}}
+    store = RunStore(tmp_path / "runs")
+    rec = run_experiment(build_experiment(raw), store)
+    assert rec.metrics["isolation"]["iso_count"] == 0
+    text = write_report(store, [rec.run_id], tmp_path / "report").read_text()
+    assert "No example was isolated: nothing stood apart from the rest (no backdoor evidence)" in text
+    assert "0 examples were isolated" not in text
+    assert "Backdoor evidence" in text
