@@ -142,7 +142,9 @@ def analyse(paths: list[str], rate: float) -> None:
             pick = np.argsort(s, kind="stable")[:k]
             by_class = np.bincount(labels[pick][~poison[pick]], minlength=10)
             rest = np.setdiff1d(np.arange(len(s)), pick)
-            ls = s if (s <= 0).any() else np.log(s)
+            # the scale follows what the rule is (raw losses on a log scale, as ABL's
+            # isolation_evidence does), never the values' sign: one zero loss flipped it
+            ls = s if name.startswith(("log", "classz")) else np.log(s + 1e-6)
             med = np.median(ls[rest])
             sep = (med - np.median(ls[pick])) / (np.median(np.abs(ls[rest] - med)) + 1e-6)
             print(f"  {name:24s} precision {precision(s, poison, rate):.3f}  separation {sep:5.1f}  FP by label {by_class.tolist()}")
