@@ -169,18 +169,11 @@ def threshold_rule(scores: torch.Tensor, labels: torch.Tensor, spreads: float = 
     return CountDecision(_ordered(low, s), t, below, {}, sorted(c for c, n in below.items() if n), reason, "threshold")
 
 
-def label_excess_rule(scores: torch.Tensor, labels: torch.Tensor, spreads: float = DEFAULT_SPREADS,
-                      alpha: float = DEFAULT_ALPHA) -> CountDecision:
-    """The pooled threshold, then only the labels holding more low examples than chance.
-
-    For each label ``c`` with ``n_c`` examples of which ``k_c`` sit below the threshold, the
-    null rate is the other labels' ``(k_rest + 1) / (n_rest + 1)`` (add-one: a rate of 0
-    elsewhere does not make one example significant); ``c`` holds an excess when
-    ``P(Binomial(n_c, rate) >= k_c) < alpha / labels``.
-    """
-    s, y = _check(scores, labels)
-    t = pooled_threshold(s, spreads)
-    low = s < t
+def _label_excess(s: torch.Tensor, y: torch.Tensor, low: torch.Tensor, t: float, alpha: float, where: str,
+                  rule: str) -> CountDecision:
+    """Keep the ``low`` examples of the labels holding more of them than the other labels'
+    rate predicts (one-sided binomial, Bonferroni over the labels); ``where`` says in words
+    what ``low`` means, for the decision's reason."""
     classes = int(y.max()) + 1
     sizes = torch.bincount(y, minlength=classes)
     counts = torch.bincount(y[low], minlength=classes)
@@ -195,15 +188,29 @@ def label_excess_rule(scores: torch.Tensor, labels: torch.Tensor, spreads: float
     keep = low & torch.isin(y, torch.tensor(flagged, dtype=torch.long))
     idx = _ordered(keep.nonzero().squeeze(1), s)
     if flagged:
-        reason = (f"label(s) {', '.join(map(str, flagged))} hold {len(idx)} examples more than {spreads:g} spreads "
-                  f"below the median, where the other labels' rate predicts "
-                  f"{sum(expected[c] for c in flagged):.1f}")
+        reason = (f"label(s) {', '.join(map(str, flagged))} hold {len(idx)} examples {where}, where the other "
+                  f"labels' rate predicts {sum(expected[c] for c in flagged):.1f}")
     elif int(counts.sum()):
-        reason = (f"no backdoor evidence: the {int(counts.sum())} examples more than {spreads:g} spreads below the "
-                  "median are spread over the labels as chance predicts")
+        reason = (f"no backdoor evidence: the {int(counts.sum())} examples {where} are spread over the labels "
+                  "as chance predicts")
     else:
-        reason = f"no backdoor evidence: no example sits more than {spreads:g} spreads below the median"
-    return CountDecision(idx, t, below, expected, flagged, reason, "label_excess")
+        reason = f"no backdoor evidence: no example sits {where}"
+    return CountDecision(idx, t, below, expected, flagged, reason, rule)
+
+
+def label_excess_rule(scores: torch.Tensor, labels: torch.Tensor, spreads: float = DEFAULT_SPREADS,
+                      alpha: float = DEFAULT_ALPHA) -> CountDecision:
+    """The pooled threshold, then only the labels holding more low examples than chance.
+
+    For each label ``c`` with ``n_c`` examples of which ``k_c`` sit below the threshold, the
+    null rate is the other labels' ``(k_rest + 1) / (n_rest + 1)`` (add-one: a rate of 0
+    elsewhere does not make one example significant); ``c`` holds an excess when
+    ``P(Binomial(n_c, rate) >= k_c) < alpha / labels``.
+    """
+    s, y = _check(scores, labels)
+    t = pooled_threshold(s, spreads)
+    low = s < t
+    return _label_excess(s, y, low, t, alpha, f"more than {spreads:g} spreads below the median", "label_excess")
 
 
 def shifted_excess_rule(scores: torch.Tensor, labels: torch.Tensor, spreads: float = DEFAULT_SPREADS,
@@ -225,27 +232,8 @@ def shifted_excess_rule(scores: torch.Tensor, labels: torch.Tensor, spreads: flo
         if sizes[c]:
             m = y == c
             low[m] = s[m] < t + float(s[m].quantile(0.75) - q)
-    counts = torch.bincount(y[low], minlength=classes)
-    present = [c for c in range(classes) if sizes[c] > 0]
-    below, expected, flagged = {}, {}, []
-    for c in present:
-        k, n = int(counts[c]), int(sizes[c])
-        rate = (int(counts.sum()) - k + 1) / (int(sizes.sum()) - n + 1)
-        below[c], expected[c] = k, n * rate
-        if k and binomial_sf(k, n, rate) < alpha / len(present):
-            flagged.append(c)
-    keep = low & torch.isin(y, torch.tensor(flagged, dtype=torch.long))
-    idx = _ordered(keep.nonzero().squeeze(1), s)
-    if flagged:
-        reason = (f"label(s) {', '.join(map(str, flagged))} hold {len(idx)} examples more than {spreads:g} spreads "
-                  f"below their label's level, where the other labels' rate predicts "
-                  f"{sum(expected[c] for c in flagged):.1f}")
-    elif int(counts.sum()):
-        reason = (f"no backdoor evidence: the {int(counts.sum())} examples more than {spreads:g} spreads below "
-                  "their label's level are spread over the labels as chance predicts")
-    else:
-        reason = f"no backdoor evidence: no example sits more than {spreads:g} spreads below its label's level"
-    return CountDecision(idx, t, below, expected, flagged, reason, "shifted_excess")
+    return _label_excess(s, y, low, t, alpha, f"more than {spreads:g} spreads below their label's level",
+                         "shifted_excess")
 
 
 def _two_gaussians(x: torch.Tensor, iters: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
