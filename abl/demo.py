@@ -7,10 +7,12 @@ to 16x16) ship with scikit-learn.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
 
+from abl.errors import ConfigError
 from abl.experiment import load_experiment, run_experiment
 from abl.report import terminal_table, write_report
 from abl.store import RunRecord, RunStore
@@ -38,16 +40,47 @@ DEMO_DEFENSES: dict[str, dict] = {
 }
 
 
+def demo_overrides(overrides: list[str] | None) -> dict[str, list[str]]:
+    """Each demo run's share of ``overrides``: a ``defense.KEY=...`` goes to the runs whose
+    defense has ``KEY`` (``--set defense.isolation_count=auto`` is ABL's, and the no-defense
+    run would refuse it), every other key to both; a defense key neither has is a ConfigError."""
+    from abl.defenses import DEFENSES
+
+    fields = {name: {f.name for f in dataclasses.fields(DEFENSES.get(d["name"]))} for name, d in DEMO_DEFENSES.items()}
+    shares: dict[str, list[str]] = {name: [] for name in DEMO_DEFENSES}
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        parts = key.split(".")
+        if parts[0] != "defense" or len(parts) < 2:
+            for share in shares.values():
+                share.append(item)
+            continue
+        takers = [name for name in DEMO_DEFENSES if parts[1] in fields[name]]
+        if not takers:
+            known = sorted(set().union(*fields.values()))
+            raise ConfigError(f"unknown key '{key}' for the demo's defenses "
+                              f"({', '.join(d['name'] for d in DEMO_DEFENSES.values())}); valid keys: {', '.join(known)}")
+        for name in takers:
+            shares[name].append(item)
+    return shares
+
+
 def run_demo(out_dir: str | Path = "abl-demo", overrides: list[str] | None = None) -> tuple[list[RunRecord], Path]:
-    """Run both demo experiments into ``out_dir/runs`` and write ``out_dir/report.md``."""
+    """Run both demo experiments into ``out_dir/runs`` and write ``out_dir/report.md``.
+
+    Both are built and validated before either trains, so a bad override stops the demo
+    before it writes anything."""
     out = Path(out_dir)
-    store = RunStore(out / "runs")
-    records = []
+    shares = demo_overrides(overrides)
+    exps = []
     for name, defense in DEMO_DEFENSES.items():
         base = copy.deepcopy(DEMO_BASE)
         base["name"] = name
         base["defense"] = copy.deepcopy(defense)
-        exp = load_experiment(None, overrides, base=base)
+        exps.append(load_experiment(None, shares[name], base=base))
+    store = RunStore(out / "runs")
+    records = []
+    for exp in exps:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             record = run_experiment(exp, store)
