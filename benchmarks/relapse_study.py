@@ -9,6 +9,7 @@ the held-out suspects least, stop ``patience`` epochs after it). Prints the per-
 ASR and held-out fit, and both outcomes.
 
     python benchmarks/relapse_study.py --attack badnets --epochs 20
+    python benchmarks/relapse_study.py --attack badnets --epochs 20 --isolation-epochs 20 --isolation-count auto
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20, help="unlearning epochs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--isolation-count", default="fixed", choices=("fixed", "auto"),
+                    help="the isolation count rule (issue 25: auto isolates what stands apart)")
+    ap.add_argument("--no-recovery-augment", action="store_true",
+                    help="recover without crop/flip/Cutout, as the no-defense run trains")
     args = ap.parse_args()
     raw = {
         "seed": 0,
@@ -47,6 +52,8 @@ def main() -> None:
             "recovery_epochs": args.recovery_epochs,
             "recovery_milestones": [round(args.recovery_epochs * 0.75)],
             "unlearning_epochs": args.epochs,
+            "isolation_count": args.isolation_count,
+            "recovery_augment": not args.no_recovery_augment,
         },
         "slice": {"train": args.train, "test": 2000, "seed": 0},
         "train": {"progress": False, "eval_every": 1, "eval_subset": 0, "threads": args.threads, "batch_size": args.batch},
