@@ -185,6 +185,10 @@ class Engine:
         self._resume: dict | None = None
         #: where stages shared between runs are cached (``abl.stages``); None: not cached
         self.stage_dir: Path | None = None
+        #: the augmentation the training images keep their classes under (set by the
+        #: experiment from its dataset, :func:`abl.data.loader.data_augment`); built
+        #: directly, the paper's crop 4 + flip + Cutout 9 (CIFAR-10's)
+        self.data_augment: AugmentConfig | None = AugmentConfig()
         #: builds a freshly initialised model of the run's architecture (set by the
         #: experiment; unlearners that retrain from scratch use it)
         self.model_factory: Callable[[], torch.nn.Module] | None = None

@@ -20,6 +20,7 @@ import torch
 from abl.attacks import ATTACKS, Attack
 from abl.config import apply_overrides, build_dataclass, check, check_seed, load_yaml, to_plain
 from abl.data.datasets import DATASETS  # noqa: F401  (registration)
+from abl.data.loader import data_augment
 from abl.data.types import DatasetSplits, PoisonedSet
 from abl.defenses import DEFENSES, Defense
 from abl.engine import Engine, TrainConfig
@@ -411,6 +412,18 @@ def keeps_checkpoints(rec: RunRecord) -> bool:
 _RECORDED_EXTRA = ("device", "threads_used", "sweep")
 
 
+def stored_raw(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored run's config as :func:`build_experiment` must read it to run as it ran: the
+    keys recorded beside the config dropped, and a key added since with a default other than
+    what such runs did filled in. ABL's ``isolation_count`` (default ``auto`` since
+    2026-12-07) did not exist before it: every such run isolated a fixed share."""
+    raw = {k: v for k, v in config.items() if k not in _RECORDED_EXTRA}
+    defense = raw.get("defense")
+    if isinstance(defense, dict) and defense.get("name") == "abl" and "isolation_count" not in defense:
+        raw["defense"] = {**defense, "isolation_count": "fixed"}
+    return raw
+
+
 def resume_experiment(
     run_id: str, store: RunStore, on_epoch: Callable[[dict], None] | None = None
 ) -> RunRecord:
@@ -434,8 +447,7 @@ def resume_experiment(
             f"run {rec.run_id} kept no checkpoint (it was started with train.checkpoint: false), so it cannot "
             "continue where it stopped: start a new run with `abl run` (leave train.checkpoint on to be able to resume)"
         )
-    raw = {k: v for k, v in rec.config.items() if k not in _RECORDED_EXTRA}
-    exp = build_experiment(raw)
+    exp = build_experiment(stored_raw(rec.config))
     t_start = time.perf_counter()
     recorded_threads = rec.config.get("threads_used")
     # the thread count changes float summation order: keep the one the run started with
@@ -508,6 +520,7 @@ def _execute(
             writer.save_tensors("trigger", {k: v.contiguous() for k, v in exp.attack.artefacts().items()})
         engine = Engine(model, data, splits.test, prep.triggered, exp.train, seed=exp.seed, on_epoch=log)
         engine.stage_dir = stage_dir_for(exp.output.cache_dir)
+        engine.data_augment = data_augment(exp.dataset, splits.image_size)
         engine.plan_for(exp.defense)  # progress across the run's phases, with a run ETA
         engine.model_factory = lambda: exp.model.build(splits.num_classes, splits.image_size)
         if exp.train.checkpoint:

@@ -101,7 +101,9 @@ def row(run: str, metrics: dict[str, dict[str, float]], wall: float) -> str:
         m = metrics.get(phase)
         if m:
             stages.append(f"{phase[:3]} {_pct(m.get('clean_acc'))} / {_pct(m.get('asr'))} ({_secs(m.get('stage_s'))} s)")
-    return (f"| {run} | {_pct(final.get('clean_acc'))} | {_pct(final.get('asr'))} | {_pct(iso.get('iso_precision'))} | "
+    count = iso.get("iso_count")
+    return (f"| {run} | {_pct(final.get('clean_acc'))} | {_pct(final.get('asr'))} | "
+            f"{'–' if count is None else f'{count:.0f}'} | {_pct(iso.get('iso_precision'))} | "
             f"{iso.get('iso_separation', float('nan')):.1f} | {'; '.join(stages) or '–'} | {wall:.0f} |")
 
 
@@ -118,8 +120,9 @@ def table(rows: list[str], args: argparse.Namespace, total: float) -> str:
         f"{date.today().isoformat()}, {device_name()}, {scale}; total {total / 60:.1f} min.",
         f"Command: `python benchmarks/full_scale.py {' '.join(args.argv)}`",
         "",
-        "| run | CA | ASR | isolation precision | isolation separation | CA / ASR after each stage (stage time) | wall (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| run | CA | ASR | isolated | isolation precision | isolation separation | CA / ASR after each stage (stage time) "
+        "| wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(head + rows) + "\n"
 

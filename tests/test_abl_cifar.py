@@ -3,8 +3,9 @@
 BadNets, Blend and Trojan at 10%, target 0, WRN-16-1 (the paper's model and attacks).
 ABL runs with its default preset, only the epoch counts shortened (``slice_schedule.py``);
 the no-defense baseline trains as many epochs. What the project commits to: without
-defense the backdoor is learned (ASR >= 90%); the default isolates 1% with precision
->= 90%, takes the ASR below 10% and costs at most 5 points of clean accuracy.
+defense the backdoor is learned (ASR >= 90%); the default decides from the scores how many
+to isolate and isolates at least 90% of the poisons with precision >= 90%, takes the ASR
+to 5% or below (issue 25's criterion) and costs at most 2 points of clean accuracy.
 """
 
 from __future__ import annotations
@@ -81,10 +82,12 @@ def test_default_abl_isolates_poison_and_removes_backdoor(cifar_runs):
     final, none = rec.final_metrics, records["none"].final_metrics
     assert rec.status == "finished"
     assert rec.config["defense"]["preset"] == "default"
-    assert final["iso_count"] == 50
-    assert final["iso_precision"] >= 0.90, final
-    assert final["asr"] < 0.10, final
-    assert final["clean_acc"] >= none["clean_acc"] - 0.05, (none, final)
+    assert rec.config["defense"]["isolation_count"] == "auto"
+    # BadNets: 515 isolated, 494 of the 500 poisons (benchmarks/README.md, the threat matrix)
+    assert final["iso_recall"] >= 0.90 and final["iso_precision"] >= 0.90, final
+    assert final["iso_evidence"] == 1.0, final
+    assert final["asr"] <= 0.05, final
+    assert final["clean_acc"] >= none["clean_acc"] - 0.02, (none, final)
     assert final["iso_weak"] == 0.0, final
     iso = rec.array("isolated_indices")
     mask = rec.array("poison_mask")
@@ -94,12 +97,13 @@ def test_default_abl_isolates_poison_and_removes_backdoor(cifar_runs):
 def test_every_stage_is_measured(cifar_runs):
     """CA/ASR after each stage, and the backdoor present before unlearning: the final ASR
     is the unlearning's doing, not an attack that never took. (After 20 isolation epochs
-    held at the LGA threshold, BadNets' ASR was 78% on an AVX-512 EPYC: learned, which is
-    what the ranking needs; recovery on D_c, which keeps 90% of the poisons, brings it back.)"""
+    held at the LGA threshold, BadNets' ASR was 78-100%: learned, which is what the ranking
+    needs. Recovery on D_c, without the isolated poisons, brings it down to about 10%, where
+    the fixed 1%, leaving 90% of the poisons in D_c, brought it back to 100%.)"""
     _, records, _ = cifar_runs
     m = records["abl"].metrics
     assert m["isolation"]["asr"] >= 0.50, m["isolation"]
-    assert m["recovery"]["asr"] >= 0.80, m["recovery"]
+    assert m["recovery"]["asr"] < m["isolation"]["asr"], m
     assert all(m[p]["stage_s"] > 0 for p in ("isolation", "recovery", "unlearning"))
     assert m["unlearning"]["asr"] < m["recovery"]["asr"], m
 

@@ -59,7 +59,9 @@ def _run(folder, out, name, defense):
 def test_isolated_files_are_the_poisoned_ones(practitioner_run):
     rec, poisoned, _, _ = practitioner_run
     files = [str(f) for f in rec.array("isolated_files")]
-    assert len(files) == 50  # 1% of 5,000
+    # the default decides the count from the scores: the 500 poisoned files stand apart
+    assert 450 <= len(files) <= 560, len(files)
+    assert len({f for f in files if f in poisoned}) >= 450, "at least 90% of the poisoned files isolated"
     hits = sum(f in poisoned for f in files)
     precision = hits / len(files)
     print(f"practitioner folder: {hits} of {len(files)} isolated files are poisoned (precision {precision:.1%}); "

@@ -213,7 +213,7 @@ def test_relative_paths_in_a_config_are_read_against_its_folder(tmp_path, capsys
 
 # --------------------------------------------------------------------------- issue 28: config values
 
-ABL_TINY = {"name": "abl", "isolation_epochs": 1, "recovery_epochs": 1, "unlearning_epochs": 1, "isolation_rate": 0.1}
+ABL_TINY = {"name": "abl", "isolation_count": "fixed", "isolation_epochs": 1, "recovery_epochs": 1, "unlearning_epochs": 1, "isolation_rate": 0.1}
 
 
 def finished_runs(tmp_path: Path) -> list:

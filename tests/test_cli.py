@@ -226,7 +226,8 @@ def test_own_images_without_attack_lists_isolated_files(tmp_path, capsys):
         tmp_path,
         dataset={"name": "imagefolder", "root": str(root), "size": 16},
         attack=None,
-        defense={"name": "abl", "isolation_epochs": 1, "recovery_epochs": 1, "unlearning_epochs": 1, "isolation_rate": 0.1},
+        defense={"name": "abl", "isolation_count": "fixed", "isolation_epochs": 1, "recovery_epochs": 1,
+                 "unlearning_epochs": 1, "isolation_rate": 0.1},
         output={"runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")},
     )
     for _ in range(2):  # the second run reads the decoded dataset from the cache

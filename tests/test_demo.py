@@ -11,9 +11,12 @@ def test_demo_end_to_end(tmp_path):
     none, abl = by_name["demo-none"].final_metrics, by_name["demo-abl"].final_metrics
     assert all(r.status == "finished" for r in records)
     assert none["asr"] >= 0.95 and none["clean_acc"] >= 0.95, none
-    # default ABL, recovery shortened: CA 90.9%, ASR 3.7% on 2026-11-27 (benchmarks/README.md)
-    assert abl["asr"] <= 0.10 and abl["clean_acc"] >= 0.85, abl
-    assert abl["iso_precision"] >= 0.75, abl
+    # issue 25's criterion: ABL's CA within 2 points of the no-defense run, ASR <= 5%. The
+    # default (isolation count from the scores, the digits' own augmentation: none) gave
+    # CA 98.22% / ASR 0.49% against 99.11% / 100% on 2026-12-07; with the fixed 1% and
+    # the paper's augmentation it was 89.1% (benchmarks/README.md)
+    assert abl["asr"] <= 0.05 and abl["clean_acc"] >= none["clean_acc"] - 0.02, (none, abl)
+    assert abl["iso_precision"] >= 0.90 and abl["iso_evidence"] == 1.0, abl
     text = report.read_text()
     assert "demo-abl" in text and "Isolation precision" in text
     pngs = sorted(p.name for p in report.parent.glob("*.png"))

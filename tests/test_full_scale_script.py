@@ -39,8 +39,10 @@ def test_four_runs_on_a_cpu_slice(full_scale, cifar10_root, tmp_path):
     # --jobs 2: each run in its own process, the table still in the runs' order
     assert [r.split("|")[1].strip() for r in rows] == ["none", "paper", "official", "default"]
     assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 4
-    for r in rows[1:]:
-        assert "iso " in r and "rec " in r and "unl " in r, r  # CA / ASR after every stage
+    for r in rows[1:]:  # CA / ASR after every stage; no unlearning where nothing was isolated
+        isolated = int(r.split("|")[4])
+        assert "iso " in r and "rec " in r and ("unl " in r) == (isolated > 0), r
+    assert [int(r.split("|")[4]) for r in rows[1:3]] == [10, 10], "paper and official: a fixed 1% of 1,000"
     assert "Command: `python benchmarks/full_scale.py --root" in text and "--jobs 2" in text
     body = readme.read_text()
     assert "kept text" in body and full_scale.BEGIN in body and "CPU" in body

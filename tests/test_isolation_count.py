@@ -205,25 +205,30 @@ def test_auto_on_poisoned_digits_isolates_poisons_only():
     assert not any("no backdoor evidence" in m for m in said)
 
 
-def test_auto_is_an_option_and_fixed_keeps_its_rule():
+def test_auto_is_the_defaults_rule_and_fixed_keeps_its_own():
     from abl.defenses import DEFENSES
 
-    for preset in ("default", "paper", "official"):
+    assert DEFENSES.create({"name": "abl"}).isolation_count == "auto"
+    for preset in ("paper", "official"):
         assert DEFENSES.create({"name": "abl", "preset": preset}).isolation_count == "fixed"
+    # auto was measured on ABL's own scores: another detector keeps the fixed rate unless asked
+    det = {"name": "spectral_signatures"}
+    assert DEFENSES.create({"name": "abl", "detector": det}).isolation_count == "fixed"
+    assert DEFENSES.create({"name": "abl", "detector": det, "isolation_count": "auto"}).isolation_count == "auto"
     with pytest.raises(ConfigError, match="isolation_count"):
         DEFENSES.create({"name": "abl", "isolation_count": "adaptive"})
     with pytest.raises(ConfigError, match="isolation_spreads"):
         DEFENSES.create({"name": "abl", "isolation_spreads": 0})
     # the "< 1 example" refusal is fixed's: auto may isolate none by decision
-    tiny = DEFENSES.create({"name": "abl", "isolation_rate": 0.001})
+    tiny = DEFENSES.create({"name": "abl", "isolation_rate": 0.001, "isolation_count": "fixed"})
     with pytest.raises(ConfigError, match="isolates"):
         tiny.check_run(500)
     DEFENSES.create({"name": "abl", "isolation_rate": 0.001, "isolation_count": "auto"}).check_run(500)
     s, y = clean_scores(1000)
     s[:5] = -20.0
-    fixed = DEFENSES.create({"name": "abl", "isolation_rate": 0.01})
+    fixed = DEFENSES.create({"name": "abl", "isolation_rate": 0.01, "isolation_count": "fixed"})
     assert len(fixed.isolate(s)[0]) == 10  # the lowest 1%, labels unused
-    auto = DEFENSES.create({"name": "abl", "isolation_count": "auto"})
+    auto = DEFENSES.create({"name": "abl"})
     with pytest.raises(ConfigError, match="needs the training labels"):
         auto.isolate(s)
 

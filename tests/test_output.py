@@ -176,8 +176,8 @@ def test_abl_run_prints_warnings_as_one_line_and_progress_across_phases(tmp_path
 
     cfg = {"name": "tiny", "dataset": {"name": "digits"}, "model": {"name": "small_cnn", "width": 8},
            "attack": {"name": "badnets", "rate": 0.1},
-           "defense": {"name": "abl", "isolation_epochs": 2, "recovery_epochs": 1, "recovery_milestones": [],
-                       "unlearning_epochs": 1},
+           "defense": {"name": "abl", "isolation_count": "fixed", "isolation_epochs": 2, "recovery_epochs": 1,
+                       "recovery_milestones": [], "unlearning_epochs": 1},
            "train": {"batch_size": 128, "threads": 1, "progress": True, "eval_subset": 200},
            "output": {"runs_dir": str(tmp_path / "runs")}}
     path = tmp_path / "tiny.yaml"

@@ -31,12 +31,15 @@ from abl.store import RunStore
 ABL_SHORT = {"isolation_epochs": 3, "recovery_epochs": 3, "recovery_milestones": [2], "unlearning_epochs": 4}
 DEFENSES = {
     # trajectory ranking, held-out selection with early stop, GGA over D_c
-    "default": {"name": "abl", **ABL_SHORT, "isolation_rate": 0.05},
+    "default": {"name": "abl", **ABL_SHORT, "isolation_count": "fixed", "isolation_rate": 0.05},
+    # the default as shipped: the count decided from the scores (none here: 0 isolated, no unlearning)
+    "default-auto": {"name": "abl", **ABL_SHORT},
     # an unlearning lr at which the held-out check keeps an early epoch and stops before the
     # last (measured: kept 4, stopped after 6 of 10; on another CPU's kernels, 2 of 5 with
     # 6 epochs and patience 3): the best epoch's weights, taken before the stop, must survive it
     "default-select": {
-        "name": "abl", **ABL_SHORT, "isolation_rate": 0.05, "unlearning_epochs": 10, "unlearning_lr": 0.01,
+        "name": "abl", **ABL_SHORT, "isolation_count": "fixed", "isolation_rate": 0.05, "unlearning_epochs": 10,
+        "unlearning_lr": 0.01,
         "unlearning_patience": 2,
     },
     # eval-mode ranking passes over the last 2 isolation epochs (kept in the engine's state)

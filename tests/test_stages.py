@@ -115,7 +115,7 @@ def test_a_run_stopped_in_the_stage_resumes_it(tmp_path, first):
 
 # -- the isolation stage (ABL with ``cache_stages``): one isolation, many unlearners -------
 
-ABL = {"name": "abl", "isolation_epochs": 4, "isolation_lr": 0.05, "recovery_epochs": 2, "recovery_lr": 0.05,
+ABL = {"name": "abl", "isolation_count": "fixed", "isolation_epochs": 4, "isolation_lr": 0.05, "recovery_epochs": 2, "recovery_lr": 0.05,
        "unlearning_epochs": 3, "isolation_rate": 0.05}
 
 

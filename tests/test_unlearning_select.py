@@ -124,7 +124,7 @@ def test_digits_unbounded_fast_ascent_keeps_the_undamaged_epoch():
     the epoch that fits the suspects least, and patience counts from the epoch kept."""
     engine = _digits_engine()
     abl = DEFENSES.create({
-        "name": "abl", "isolation_epochs": 8, "recovery_epochs": 4, "recovery_milestones": [3],
+        "name": "abl", "isolation_count": "fixed", "isolation_epochs": 8, "recovery_epochs": 4, "recovery_milestones": [3],
         "unlearning_epochs": 6, "unlearning_lr": 0.01, "unlearning_ceiling": float("inf"), "unlearning_patience": 2,
     })
     result = abl.run(engine)

@@ -169,10 +169,14 @@ class Arrays:
     Parameters:
         path: the .npz file; a relative path is read against the config file's folder.
         order_seed: seed of the one-time shuffle of the training split (null: file order).
+        mirror: a left-right mirrored image keeps its class (false by default: arrays are
+            often digits or text); the default ABL's recovery flips images only when true
+            (:func:`abl.data.loader.data_augment`).
     """
 
     path: str | None = None
     order_seed: int | None = 0
+    mirror: bool = False
 
     def validate(self) -> None:
         _check_order_seed(self.order_seed)

@@ -37,6 +37,24 @@ class AugmentConfig:
         check(self.cutout >= 0, "augment.cutout", "must be >= 0")
 
 
+def scaled_augment(size: int, flip: bool) -> AugmentConfig:
+    """The paper's recovery augmentation (crop padding 4, Cutout 9 on 32-pixel CIFAR-10)
+    scaled to ``size``-pixel images, with a mirror only where it keeps the class."""
+    return AugmentConfig(crop_padding=max(1, int(size * 4 / 32 + 0.5)), flip=flip,
+                         cutout=int(size * 9 / 32 + 0.5))
+
+
+def data_augment(dataset: object, size: int) -> AugmentConfig | None:
+    """The augmentation ``dataset``'s images keep their class under: its own
+    ``augmentation(size)`` when it defines one, else :func:`scaled_augment` with a mirror
+    where its ``mirror`` field says flips are safe (none said: no mirror, which never
+    turns one class into another)."""
+    own = getattr(dataset, "augmentation", None)
+    if callable(own):
+        return own(size)
+    return scaled_augment(size, flip=bool(getattr(dataset, "mirror", False)))
+
+
 @dataclass
 class AugmentDraw:
     """One batch's augmentation randomness, drawn ahead of the pixels it moves.
