@@ -301,3 +301,30 @@ def test_the_report_of_a_run_that_isolated_nothing_says_so(tmp_path):
     assert "No example was isolated: nothing stood apart from the rest (no backdoor evidence)" in text
     assert "0 examples were isolated" not in text
     assert "Backdoor evidence" in text
+
+
+def test_auto_falls_back_to_the_fixed_share_only_when_its_evidence_is_strong(monkeypatch):
+    """Blend 5% on the CIFAR-10 slice: learned, but no label's scores split in two, so the
+    rule isolated none (ASR 99.6%) while the lowest 1% held 49 poisons of 50 (separation
+    9.1, one label). ``auto`` then takes the lowest ``isolation_rate`` if the weak-evidence
+    test passes, and still nothing when the tail is spread over labels (every clean run)."""
+    import abl.defenses.abl as ablmod
+    from abl.defenses import DEFENSES
+
+    s, y = clean_scores(2000)
+    planted = torch.arange(0, 200, 10)  # 20 examples = 1% of 2,000, all of label 0
+    s[planted] = -40.0
+    none = decide_count(s, y)  # the rule's "no backdoor evidence", forced below
+    none.indices = torch.empty(0, dtype=torch.long)
+    monkeypatch.setattr(ablmod, "decide_count", lambda *a, **k: none)
+    abl = DEFENSES.create({"name": "abl"})
+    isolated, _ = abl.isolate(s, y)
+    assert sorted(isolated.tolist()) == sorted(planted.tolist())
+    assert abl.count_decision.rule == "fixed_fallback" and abl.count_decision.evidence
+    spread = y.clone()
+    spread[planted] = torch.arange(20) % 4  # the same tail over four labels: not one backdoor
+    isolated, _ = abl.isolate(s, spread)
+    assert len(isolated) == 0 and not abl.count_decision.evidence
+    s[planted] = -2.5  # one label, but not apart from the clean tail
+    isolated, _ = DEFENSES.create({"name": "abl"}).isolate(s, y)
+    assert len(isolated) == 0

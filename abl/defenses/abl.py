@@ -163,11 +163,13 @@ class ABL(Defense):
             ``isolation_count: fixed``.
         isolation_count: ``fixed`` isolates ``isolation_rate`` of the training set
             (``paper``, ``official``, and any preset with a ``detector`` set: ``auto``
-            was measured on ABL's own scores only); ``auto`` (``default``) isolates the examples whose scores stand apart, per label
-            (:mod:`abl.isolation_count`, rule ``mixture``: a label's low mode far below the
-            rest that the other labels do not share): none when nothing does (then there is
-            no unlearning, recovery trains on every example, and the run reports "no
-            backdoor evidence": ``iso_count`` 0, ``iso_evidence`` 0). CIFAR-10 slice,
+            was measured on ABL's own scores only); ``auto`` (``default``) isolates the
+            examples whose scores stand apart, per label (:mod:`abl.isolation_count`, rule
+            ``mixture``: a label's low mode far below the rest that the other labels do not
+            share); where no label splits in two, the lowest ``isolation_rate`` if they pass
+            the weak-evidence test below (``min_separation``, ``min_label_share``: Blend 5%);
+            else none (then there is no unlearning, recovery trains on every example, and
+            the run reports "no backdoor evidence": ``iso_count`` 0, ``iso_evidence`` 0). CIFAR-10 slice,
             BadNets 10%: 515 isolated, 495 of the 500 poisons; clean: 0
             (benchmarks/README.md, "Isolation count from the data (issue 25)").
         isolation_spreads: with ``auto``, how many spreads (median absolute deviations of
@@ -423,11 +425,37 @@ class ABL(Defense):
             if labels is None:
                 raise ConfigError("'defense.isolation_count' auto needs the training labels to decide the count")
             self.count_decision = decide_count(scores, labels, CHOICE, spreads=self.isolation_spreads)
+            if not self.count_decision.count:
+                self.count_decision = self._fixed_fallback(scores, labels, self.count_decision)
             order = self.count_decision.indices.to(scores.device)
             return order, scores[order]
+        return self._lowest(scores)
+
+    def _lowest(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lowest ``isolation_rate`` fraction of ``scores`` (at least one), lowest first."""
         k = max(1, int(len(scores) * self.isolation_rate))
         order = torch.argsort(scores, stable=True)[:k]
         return order, scores[order]
+
+    def _fixed_fallback(self, scores: torch.Tensor, labels: torch.Tensor, none: CountDecision) -> CountDecision:
+        """When ``auto``'s rule finds no low mode, the fixed share, if its own evidence is
+        strong (separation >= ``min_separation``, label share >= ``min_label_share``); else
+        ``none``, the rule's "no backdoor evidence". At Blend 5% on the CIFAR-10 slice the
+        backdoor was learned (ASR 95.7% after isolation) but the target label's scores did
+        not split in two: the rule isolated none and the run ended at ASR 99.6%, while the
+        lowest 1% held 49 poisons of 50 (separation 9.1, share 0.98) and the fixed count
+        removed it (0.28%). On every stored run where the lowest 1% held no poison (no
+        attack, BadNets/Blend/SIG/WaNet/BPP 1%, WaNet/BPP 10% not learned) the same test
+        flagged it weak (label share 0.28-0.46; benchmarks/README.md)."""
+        order, _ = self._lowest(scores)
+        evidence = isolation_evidence(scores, order, labels, evidence_scale(self.detector_part()))
+        sep, share = evidence["iso_separation"], evidence["iso_top_label_share"]
+        if sep < self.min_separation or share < self.min_label_share:
+            return none
+        top = int(torch.mode(labels[order].cpu()).values)
+        return CountDecision(order.cpu(), float("nan"), labels=[top], rule="fixed_fallback", reason=(
+            f"no label's scores split into two modes, but the lowest {self.isolation_rate:.0%} stand apart "
+            f"(separation {sep:.1f}, {share:.0%} of one label): those {len(order)} isolated"))
 
     def run(self, engine: Engine) -> DefenseResult:
         try:
@@ -601,7 +629,9 @@ class ABL(Defense):
             "isolation_rate": self.isolation_rate,
             # recovery trains on D_c, so this stage depends on the count rule; ``fixed`` adds no
             # key, so that the stages cached before the rule existed stay valid
-            **({"isolation_count": {"rule": self.isolation_count, "spreads": self.isolation_spreads}}
+            **({"isolation_count": {"rule": self.isolation_count, "spreads": self.isolation_spreads,
+                                    "fallback": "fixed_if_strong", "isolation_rate": self.isolation_rate,
+                                    "min_separation": self.min_separation, "min_label_share": self.min_label_share}}
                if self.isolation_count != "fixed" else {}),
             "backdoor": to_plain(self.backdoor) if det.uses_backdoored else None,
             "recovery": {**{f: to_plain(getattr(self, f)) for f in (
