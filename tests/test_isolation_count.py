@@ -254,8 +254,10 @@ def test_auto_shares_the_isolation_phase_but_not_the_isolated_stage(tmp_path):
     def run(count: str):
         raw = copy.deepcopy(base)
         raw["defense"]["isolation_count"] = count
-        if count == "auto":  # nothing can stand apart: the zero-isolated path through the cache
+        if count == "auto":  # nothing can stand apart, nor pass as the fixed share's fallback:
+            # the zero-isolated path through the cache
             raw["defense"]["isolation_spreads"] = 1e6
+            raw["defense"]["min_separation"] = 1e6
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return run_experiment(build_experiment(raw), RunStore(tmp_path / "runs"))
