@@ -99,10 +99,17 @@ def check_milestones(milestones: Any, epochs: int, where: str) -> None:
         raise ConfigError(f"'{where}' must be in increasing order without repeats, got {ms}")
 
 
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
+#: how an error names a type, in the config file's (YAML's) words
+_PLAIN_NAMES: dict[Any, str] = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                                type(None): "null", dict: "a mapping", list: "a list"}
+
+
+def _type_names(tp: Any) -> list[str]:
+    """The alternatives ``tp`` allows, as an error names them (a Literal's values one by one)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return [repr(a) for a in typing.get_args(tp)]
+    return [_PLAIN_NAMES.get(tp, _PLAIN_NAMES.get(origin, getattr(tp, "__name__", str(tp))))]
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -124,7 +131,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 raise
             except ConfigError as exc:
                 errors.append(str(exc))
-        names = " or ".join(_type_name(a) for a in args)
+        names = [n for a in args for n in _type_names(a)]
+        names = ", ".join(names[:-1]) + " or " + names[-1]  # a Union has at least two members
         raise ConfigError(f"'{where}' must be {names}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)

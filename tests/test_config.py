@@ -54,6 +54,28 @@ def test_bad_values_name_the_key(data, key):
         build_dataclass(Params, data, "x")
 
 
+@dataclass
+class Unions:
+    count: Literal["fixed", "auto"] | None = None
+    augment: bool | Literal["data"] | None = None
+    ceiling: float | None = None
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"count": 3}, "'x.count' must be 'fixed', 'auto' or null, got 3"),
+        ({"augment": "maybe"}, "'x.augment' must be true or false, 'data' or null, got 'maybe'"),
+        ({"ceiling": "high"}, "'x.ceiling' must be a number or null, got 'high'"),
+    ],
+)
+def test_union_errors_use_the_config_files_words(data, message):
+    # the union's alternatives as a YAML user writes them, not Python's names (bool, NoneType)
+    with pytest.raises(ConfigError) as err:
+        build_dataclass(Unions, data, "x")
+    assert str(err.value) == message
+
+
 def test_registry_duplicate_and_unknown():
     reg: Registry = Registry("widget")
     reg.register("a")(Params)
