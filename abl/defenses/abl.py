@@ -600,8 +600,12 @@ class ABL(Defense):
         if self.recovery_augment == "data":
             return copy.copy(engine.data_augment)
         if self.recovery_augment:
-            return AugmentConfig(cutout=int(self.recovery_cutout), cutout_span=self.recovery_cutout_span)  # type: ignore[arg-type]
+            return self._paper_augmentation()
         return None
+
+    def _paper_augmentation(self) -> AugmentConfig:
+        """``recovery_augment: true``: the authors' crop 4 + flip with this ABL's Cutout."""
+        return AugmentConfig(cutout=int(self.recovery_cutout), cutout_span=self.recovery_cutout_span)  # type: ignore[arg-type]
 
     def _recovery_augment_key(self, engine: Engine) -> object:
         """The recovery augmentation in the stage key: ``data`` resolved, and written as
@@ -611,8 +615,7 @@ class ABL(Defense):
         aug = self.recovery_augmentation(engine)
         if aug is None:
             return False
-        paper = AugmentConfig(cutout=int(self.recovery_cutout), cutout_span=self.recovery_cutout_span)  # type: ignore[arg-type]
-        return True if aug == paper else to_plain(aug)
+        return True if aug == self._paper_augmentation() else to_plain(aug)
 
     # -- the isolation stage, shared between runs (``cache_stages``) ----------------------
     def _isolation_spec(self, engine: Engine) -> dict[str, Any] | None:
