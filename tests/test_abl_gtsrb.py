@@ -13,6 +13,11 @@ epochs before the backdoor, and the run isolated 0% (30 clean images of label 12
 the default's 20 epochs the same rule isolated 30 of 30 poisons (separation 5.2)
 (``benchmarks/isolation_study.py --dataset gtsrb --train 3000 --epochs 20``,
 benchmarks/README.md).
+
+With the default since 2026-12-07 (the count read from the scores, GTSRB's own augmentation
+without flips) this test measured: no defense CA 93.3% / ASR 98.7%; default ABL 93.4% /
+0.0%, 56 isolated at 98.2% precision (55 of the 150 poisons), on 2026-12-07 (AMD EPYC, one
+thread per worker). CA within 2 points of no defense is issue 25's bar for a learned backdoor.
 """
 
 from __future__ import annotations
@@ -60,4 +65,4 @@ def test_gtsrb_backdoor_learned_then_removed_by_the_default(gtsrb_runs):
     assert none["asr"] >= 0.90, none
     assert abl["iso_precision"] >= 0.90, abl
     assert abl["asr"] < 0.10, abl
-    assert abl["clean_acc"] >= none["clean_acc"] - 0.05, (none, abl)
+    assert abl["clean_acc"] >= none["clean_acc"] - 0.02, (none, abl)

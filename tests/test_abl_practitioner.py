@@ -7,6 +7,11 @@ the top-left quarter) and were moved into the ``airplane`` folder, which then ho
 950 images against about 445 in each other class. ABL runs with its default preset (epoch counts shortened as in every slice test,
 nothing else set) and knows nothing of the attack; the isolated files are scored against
 the list of files we poisoned.
+
+Measured with the default since 2026-12-07 (the count read from the scores; 2-core AMD EPYC,
+one thread per worker): no defense CA 57.8%, sticker 98.6%; default ABL 533 isolated, all
+from ``airplane``, CA 64.2%, sticker 0.3% (unlearning ran its 20 epochs, the held-out check
+never stopping it).
 """
 
 from __future__ import annotations
