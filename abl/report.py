@@ -68,6 +68,11 @@ METRIC_LABELS = {
     "stage_load_s": "Stage load time",
     "scores_hit": "Isolation scores from cache",
     "iso_evidence": "Backdoor evidence",
+    "recheck_count": "Added by the second look",
+    "recheck_precision": "Second look precision",
+    "recheck_recall": "Second look recall",
+    "recheck_threshold": "Second look loss threshold",
+    "recheck_settled": "Second look run",
     "count_threshold": "Isolation count threshold",
     "scores_load_s": "Isolation scores load time",
     "control_asr": "ASR (clean model)",
@@ -89,9 +94,9 @@ _UNKNOWN_RGB = (128, 128, 128)
 # any other number with two decimals.
 
 #: metrics that count something (shown as integers)
-COUNT_METRICS = ("iso_count", "iso_heldout_count", "unlearn_epochs_run", "unlearn_epoch_kept", "n_poison", "removed")
+COUNT_METRICS = ("iso_count", "recheck_count", "iso_heldout_count", "unlearn_epochs_run", "unlearn_epoch_kept", "n_poison", "removed")
 #: metrics that are 0/1 flags (shown as yes / no)
-FLAG_METRICS = ("iso_weak", "unlearn_weak", "stage_hit", "scores_hit", "iso_evidence")
+FLAG_METRICS = ("iso_weak", "unlearn_weak", "stage_hit", "scores_hit", "iso_evidence", "recheck_settled")
 
 
 def fmt_rate(value: float | None) -> str:
