@@ -16,8 +16,10 @@ a fixed count follows BaDLoss (Alex et al., "Protecting against simultaneous dat
 attacks", ICLR 2025: loss trajectories, anomalies by distance) and PIPD (Chen et al.,
 "Progressive Poisoned Data Isolation for Training-time Backdoor Defense", AAAI 2024), whose
 isolated set is whatever its detector flags (average TPR 99.95%, FPR 0.06% over nine
-attacks on CIFAR-10). The growing (progressive) isolation of ASD and PIPD is not taken:
-the isolation training here stays ABL's 20 epochs, only its count changes.
+attacks on CIFAR-10). The growing (progressive) isolation of ASD and PIPD is taken in one
+step only: :func:`rejected_rule` looks again after recovery, for the poisons whose labels
+the recovered model rejects (ABL's ``recheck``); the isolation training stays ABL's 20
+epochs.
 
 Rules (``RULES``), all on scores where lower is more suspicious; a spread is one median
 absolute deviation of all scores (unscaled, the unit of

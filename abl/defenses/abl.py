@@ -130,8 +130,8 @@ _DEFAULT_DIFFERS: dict[str, object] = dict(
     # a second look after recovery (issue 25): at 1% poisoning on the CIFAR-10 slice the
     # backdoor was learned late in isolation and no poison stood apart in the scores (0
     # isolated), but the augmented recovery rejects their labels; adding the rejected
-    # examples of one label took BadNets 1% from ASR 6.78% to 1.57% and Trojan 1% from
-    # 12.72% to 3.64% (CA +0.4 / +1.1 points). Replayed on the stored loss records of the
+    # examples of one label took BadNets 1% from ASR 6.78% to 2.52% and Trojan 1% from
+    # 12.72% to 2.75% (CA +0.4 / +0.5 points). Replayed on the stored loss records of the
     # matrix's other cells and of the clean slice it adds nothing where nothing was missed
     # (benchmarks/README.md, "The second look after recovery").
     recheck=True,
@@ -466,7 +466,9 @@ class ABL(Defense):
         lowest 1% held 49 poisons of 50 (separation 9.1, share 0.98) and the fixed count
         removed it (0.28%). On every stored run where the lowest 1% held no poison (no
         attack, BadNets/Blend/SIG/WaNet/BPP 1%, WaNet/BPP 10% not learned) the same test
-        flagged it weak (label share 0.28-0.46; benchmarks/README.md)."""
+        flagged it weak (label share 0.28-0.46; benchmarks/README.md). Since the mixture
+        takes a shoulder (``MIXTURE_MIN_D`` 1.5), Blend 5% no longer reaches this: its
+        label's low component (D 1.84) is isolated, 160 examples, 145 of them poisons."""
         order, _ = self._lowest(scores)
         evidence = isolation_evidence(scores, order, labels, evidence_scale(self.detector_part()))
         sep, share = evidence["iso_separation"], evidence["iso_top_label_share"]
