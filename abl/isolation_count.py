@@ -225,6 +225,18 @@ def label_excess_rule(scores: torch.Tensor, labels: torch.Tensor, spreads: float
     return _label_excess(s, y, low, t, alpha, f"more than {spreads:g} spreads below the median", "label_excess")
 
 
+def _below_label_level(s: torch.Tensor, y: torch.Tensor, t: float, classes: int) -> torch.Tensor:
+    """Which scores sit below the pooled threshold ``t`` moved, per label, by the label's
+    upper quartile's offset from the pooled one (the label's level; ``shifted_excess``)."""
+    q = s.quantile(0.75)
+    low = torch.zeros(len(s), dtype=torch.bool)
+    for c in range(classes):
+        in_c = y == c
+        if in_c.any():
+            low[in_c] = s[in_c] < t + float(s[in_c].quantile(0.75) - q)
+    return low
+
+
 def shifted_excess_rule(scores: torch.Tensor, labels: torch.Tensor, spreads: float = DEFAULT_SPREADS,
                         alpha: float = DEFAULT_ALPHA) -> CountDecision:
     """``label_excess`` with each label's threshold moved by how far the label sits from the
@@ -236,14 +248,7 @@ def shifted_excess_rule(scores: torch.Tensor, labels: torch.Tensor, spreads: flo
     """
     s, y = _check(scores, labels)
     t = pooled_threshold(s, spreads)
-    q = s.quantile(0.75)
-    classes = int(y.max()) + 1
-    sizes = torch.bincount(y, minlength=classes)
-    low = torch.zeros(len(s), dtype=torch.bool)
-    for c in range(classes):
-        if sizes[c]:
-            m = y == c
-            low[m] = s[m] < t + float(s[m].quantile(0.75) - q)
+    low = _below_label_level(s, y, t, int(y.max()) + 1)
     return _label_excess(s, y, low, t, alpha, f"more than {spreads:g} spreads below their label's level",
                          "shifted_excess")
 
@@ -387,14 +392,8 @@ def rejected_rule(losses: torch.Tensor, labels: torch.Tensor, candidates: torch.
                              rule="rejected")
     s, y = -loss[idx], y_all[idx]
     t = pooled_threshold(s, spreads)
-    q = s.quantile(0.75)
     classes = int(y_all.max()) + 1
-    low = torch.zeros(len(s), dtype=torch.bool)
-    for c in range(classes):
-        in_c = y == c
-        if in_c.any():
-            low[in_c] = s[in_c] < t + float(s[in_c].quantile(0.75) - q)
-    low &= -s > math.log(classes)
+    low = _below_label_level(s, y, t, classes) & (-s > math.log(classes))
     dec = _label_excess(s, y, low, t, alpha, f"more than {spreads:g} spreads above their label's loss and "
                         "given less than chance", "rejected")
     keep, labels_kept = dec.indices, dec.labels

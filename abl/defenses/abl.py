@@ -535,10 +535,11 @@ class ABL(Defense):
         if self.recheck and self.recovery_epochs:
             added, metrics["recheck"] = self.run_recheck(engine, lookup, isolated)
             if len(added):
-                isolated = torch.cat([isolated, added.to(isolated.device)])
+                added = added.to(engine.device)
+                isolated = torch.cat([isolated.to(engine.device), added])
                 # their isolation scores, so that the isolated set's scores keep one scale
-                scores = torch.cat([scores.to(engine.device), self._scores.to(engine.device)[added.to(engine.device)]])
-                lookup[added.to(engine.device)] = True
+                scores = torch.cat([scores.to(engine.device), self._scores.to(engine.device)[added]])
+                lookup[added] = True
                 # the isolated set now holds both looks: its count and truth are the union's
                 iso_keys.update(isolation_metrics(isolated, engine.data.poison_mask), iso_evidence=1.0)
         # nothing isolated (``auto`` saw no backdoor evidence): nothing to unlearn
