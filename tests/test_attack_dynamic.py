@@ -177,3 +177,75 @@ def test_bad_params_name_their_key():
         ATTACKS.create({"name": "dynamic", "surrogate_batch_size": 5})
     with pytest.raises(ConfigError, match="divisible by 8"):
         ATTACKS.create({"name": "dynamic"}).setup(28, 10)
+
+
+# -- a fit killed part-way resumes (the slice's generator takes hours on a CPU) -------------
+# six pattern epochs: the learning-rate milestones (1-5) fall on both sides of a resume
+RESUME = {"surrogate_epochs": 6, "mask_epochs": 3, "rate": 0.05}
+
+
+class Killed(Exception):
+    """Stands in for a session's end in the middle of a fit."""
+
+
+def _fit(cache_dir, data, monkeypatch=None, kill_at: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Fit the generators; with ``kill_at``, die right after the checkpoint of that epoch end
+    (1-3: the mask stage, 4: the pattern stage's start, 5-10: its epochs). Returns the state
+    and how many epochs this call trained."""
+    from abl.attacks import surrogate
+
+    epochs: list[int] = []
+    real_batches = Dynamic._batches
+    real_save = surrogate.FitCheckpoint.save
+    saves: list[int] = []
+
+    def batches(self, *args, **kwargs):
+        epochs.append(1)
+        return real_batches(self, *args, **kwargs)
+
+    def save(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        saves.append(1)
+        if len(saves) == kill_at:
+            raise Killed
+
+    assert monkeypatch is not None
+    monkeypatch.setattr(Dynamic, "_batches", batches)
+    monkeypatch.setattr(surrogate.FitCheckpoint, "save", save)
+    monkeypatch.setattr(surrogate, "CHECKPOINT_SECONDS", 0.0)
+    attack = make(cache_dir, seed=1, **RESUME)
+    attack.fit(data)
+    assert attack.state is not None
+    return attack.state, len(epochs)
+
+
+@pytest.mark.parametrize("kill_at", [1, 4, 5, 10])
+def test_a_killed_fit_resumes_to_the_same_generators(digits32, tmp_path, monkeypatch, kill_at):
+    whole, trained = _fit(tmp_path / "whole", digits32, monkeypatch)
+    assert trained == 9  # 3 mask epochs + 6 pattern epochs
+    assert not list((tmp_path / "whole" / "attacks").glob("*.partial.safetensors"))  # spent, removed
+
+    with pytest.raises(Killed):
+        _fit(tmp_path / "cut", digits32, monkeypatch, kill_at=kill_at)
+    partial = list((tmp_path / "cut" / "attacks").glob("*.partial.safetensors"))
+    finished = [p for p in (tmp_path / "cut" / "attacks").glob("dynamic-*.safetensors") if ".partial." not in p.name]
+    assert len(partial) == 1 and finished == []
+
+    resumed, trained = _fit(tmp_path / "cut", digits32, monkeypatch)
+    done = {1: 1, 4: 3, 5: 4, 10: 9}[kill_at]  # epochs finished before the kill (10: all)
+    assert trained == 9 - done
+    assert resumed.keys() == whole.keys()
+    for k in whole:
+        assert torch.equal(resumed[k], whole[k]), k
+    assert not partial[0].exists()
+
+
+def test_an_unreadable_checkpoint_is_ignored(digits32, tmp_path, monkeypatch):
+    whole, _ = _fit(tmp_path / "whole", digits32, monkeypatch)
+    with pytest.raises(Killed):
+        _fit(tmp_path / "cut", digits32, monkeypatch, kill_at=6)
+    (partial,) = (tmp_path / "cut" / "attacks").glob("*.partial.safetensors")
+    partial.write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="unreadable fit checkpoint"):
+        again, trained = _fit(tmp_path / "cut", digits32, monkeypatch)
+    assert trained == 9 and all(torch.equal(again[k], whole[k]) for k in whole)

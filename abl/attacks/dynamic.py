@@ -12,6 +12,7 @@ training set (all-to-one) and the victim trains on it from scratch.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -113,7 +114,9 @@ class Dynamic(surrogate.SurrogateParams, Attack):
 
     Defaults are the authors' CIFAR-10 settings (PreAct-ResNet-18, 600 epochs, generator
     width 32, depth 3); generation is the expensive part and is cached, so a sweep pays
-    for it once. ``surrogate_seed`` seeds the whole fit; ``seed`` only which examples are
+    for it once, and a fit that is killed part-way resumes from its last checkpoint
+    (:class:`~abl.attacks.surrogate.FitCheckpoint`, beside the cache file) to the same
+    generators. ``surrogate_seed`` seeds the whole fit; ``seed`` only which examples are
     poisoned.
 
     Parameters:
@@ -247,7 +250,13 @@ class Dynamic(surrogate.SurrogateParams, Attack):
         b = torch.randperm(n, generator=gen).to(device)
         return [(a[s : s + bs], b[s : s + bs]) for s in range(0, n - bs + 1 if n >= bs else 1, bs)]
 
-    def _train(self, train: ImageSplit, device: torch.device) -> dict[str, torch.Tensor]:
+    def _train(
+        self, train: ImageSplit, device: torch.device, checkpoint: surrogate.FitCheckpoint | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The two stages of the authors' fit; with ``checkpoint``, progress is saved at
+        epoch ends and a saved fit of this key resumes exactly where it stopped (the
+        weights, optimiser buffers, learning rates and random-number states are restored, so
+        a resumed fit ends with the same generators as an uninterrupted one)."""
         from abl.models import MODELS
 
         torch.manual_seed(self.surrogate_seed)
@@ -261,12 +270,67 @@ class Dynamic(surrogate.SurrogateParams, Attack):
             return random_flip(random_crop(to_float(images[idx]), 4, aug), aug)
 
         pattern_net, mask_net = (g.to(device) for g in self._new_generators())
-
-        # Stage 1: the mask generator alone.
         opt_m = torch.optim.Adam(mask_net.parameters(), self.generator_lr, betas=(0.5, 0.9))
         sched_m = torch.optim.lr_scheduler.MultiStepLR(opt_m, _fractions(self.mask_epochs, (0.4, 0.8)), 0.1)
+        classifier = opt_c = opt_g = sched_c = sched_g = None
+        correct = torch.zeros(3, device=device)
+        counts = torch.zeros(3, device=device)
+
+        def rng_state() -> dict[str, torch.Tensor]:
+            out = {"rng.gen": gen.get_state(), "rng.aug": aug.get_state(), "rng.global": torch.get_rng_state()}
+            if device.type == "cuda":
+                out["rng.cuda"] = torch.cuda.get_rng_state(device)
+            return out
+
+        def save(stage: str, done: int, last: bool) -> None:
+            if checkpoint is None or not (last or checkpoint.due()):
+                return
+            tensors = {**surrogate.module_tensors("pattern", pattern_net), **surrogate.module_tensors("mask", mask_net)}
+            tensors.update(rng_state())
+            meta = {"stage": stage, "done": str(done), "device": device.type}
+            t, meta["opt_m"] = surrogate.optimizer_tensors("opt_m", opt_m)
+            tensors.update(t)
+            if classifier is not None:
+                assert opt_c is not None and opt_g is not None
+                tensors.update(surrogate.module_tensors("classifier", classifier))
+                for name, opt in (("opt_c", opt_c), ("opt_g", opt_g)):
+                    t, meta[name] = surrogate.optimizer_tensors(name, opt)
+                    tensors.update(t)
+                tensors.update({"acc.correct": correct, "acc.counts": counts})
+            checkpoint.save(tensors, meta)
+
+        saved = checkpoint.load() if checkpoint is not None else None
+        if saved is not None and saved[1].get("device") != device.type:
+            # random-number states do not carry between device types: a CPU fit moved to a
+            # GPU starts over there (where it is fast)
+            warnings.warn(
+                f"fit checkpoint {checkpoint.path if checkpoint else ''} was made on {saved[1].get('device')}, "
+                f"this fit runs on {device.type}: starting over",
+                stacklevel=2,
+            )
+            saved = None
+
+        def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+            gen.set_state(tensors["rng.gen"])
+            aug.set_state(tensors["rng.aug"])
+            torch.set_rng_state(tensors["rng.global"])
+            if "rng.cuda" in tensors:
+                torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+
+        mask_done = 0
+        if saved is not None:
+            tensors, meta = saved
+            surrogate.load_module(pattern_net, "pattern", tensors)
+            surrogate.load_module(mask_net, "mask", tensors)
+            surrogate.load_optimizer(opt_m, "opt_m", tensors, meta["opt_m"])
+            mask_done = self.mask_epochs if meta["stage"] == "pattern" else int(meta["done"])
+            sched_m.last_epoch = mask_done
+            if meta["stage"] == "mask":
+                restore_rng(tensors)
+
+        # Stage 1: the mask generator alone.
         mask_net.train()
-        for _ in progress_bar(range(self.mask_epochs), "dynamic: mask generator", None):
+        for epoch in progress_bar(range(mask_done, self.mask_epochs), "dynamic: mask generator", None):
             for i1, i2 in self._batches(n, gen, device):
                 x1, x2 = load(i1), load(i2)
                 m1, m2 = sharpen(mask_net(x1)), sharpen(mask_net(x2))
@@ -275,6 +339,7 @@ class Dynamic(surrogate.SurrogateParams, Attack):
                 loss.backward()
                 opt_m.step()
             sched_m.step()
+            save("mask", epoch + 1, last=False)
         mask_net.eval().requires_grad_(False)
 
         # Stage 2: the classifier and the pattern generator together.
@@ -286,12 +351,23 @@ class Dynamic(surrogate.SurrogateParams, Attack):
         opt_g = torch.optim.Adam(pattern_net.parameters(), self.generator_lr, betas=(0.5, 0.9))
         sched_c = torch.optim.lr_scheduler.MultiStepLR(opt_c, _fractions(epochs, (1 / 6, 2 / 6, 3 / 6, 4 / 6)), 0.1)
         sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, _fractions(epochs, (2 / 6, 3 / 6, 4 / 6, 5 / 6)), 0.1)
+        done = 0
+        if saved is not None and saved[1]["stage"] == "pattern":
+            tensors, meta = saved
+            surrogate.load_module(classifier, "classifier", tensors)
+            surrogate.load_optimizer(opt_c, "opt_c", tensors, meta["opt_c"])
+            surrogate.load_optimizer(opt_g, "opt_g", tensors, meta["opt_g"])
+            done = int(meta["done"])
+            sched_c.last_epoch = sched_g.last_epoch = done
+            correct.copy_(tensors["acc.correct"])
+            counts.copy_(tensors["acc.counts"])
+            restore_rng(tensors)
+        else:
+            save("pattern", 0, last=True)  # the mask stage is done: keep it whatever comes next
         classifier.train()
         pattern_net.train()
-        correct = torch.zeros(3, device=device)
-        counts = torch.zeros(3, device=device)
         # generation can take hours: a bar on a terminal, nothing in logs
-        bar = progress_bar(range(epochs), "dynamic: pattern generator + classifier", None)
+        bar = progress_bar(range(done, epochs), "dynamic: pattern generator + classifier", None)
         for epoch in bar:
             correct.zero_()
             counts.zero_()
@@ -326,6 +402,7 @@ class Dynamic(surrogate.SurrogateParams, Attack):
                         counts[j] += hit[part].numel()
             sched_c.step()
             sched_g.step()
+            save("pattern", epoch + 1, last=False)
             if not bar.disable:  # one device sync per epoch, only when someone watches
                 bd, cross, clean = (correct / counts.clamp_min(1)).tolist()
                 bar.set_postfix(clean=f"{clean:.2f}", backdoor=f"{bd:.2f}", cross=f"{cross:.2f}")
@@ -340,7 +417,9 @@ class Dynamic(surrogate.SurrogateParams, Attack):
         """Train (or load from the cache) the mask and pattern generators on ``train``."""
         device = torch.device(device)
         key = self._fit_key(surrogate.data_fingerprint(train))
-        self.state = surrogate.cached_tensors("dynamic", key, lambda: self._train(train, device), self.cache_dir)
+        checkpoint = surrogate.FitCheckpoint(surrogate.cache_path("dynamic", key, self.cache_dir))
+        self.state = surrogate.cached_tensors("dynamic", key, lambda: self._train(train, device, checkpoint), self.cache_dir)
+        checkpoint.discard()  # the finished fit is cached: its progress file is spent
         self._nets.clear()
 
     @property

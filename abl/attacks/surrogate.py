@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -108,6 +109,98 @@ def cached_tensors(
     finally:
         if lock is not None:
             lock.release()
+
+
+#: How often a long fit (:class:`FitCheckpoint`) writes its progress, in seconds: often
+#: enough that a killed CPU fit loses one epoch, rarely enough that a GPU fit of 600 short
+#: epochs does not spend its time writing ~100 MB files.
+CHECKPOINT_SECONDS = 120.0
+
+
+class FitCheckpoint:
+    """The progress of a long attack fit, kept beside its cache file so that a fit killed
+    part-way (a session's end, a pre-empted GPU) resumes where it stopped instead of
+    starting over: the Dynamic generators take hours on a CPU.
+
+    ``<cache file stem>.partial.safetensors`` holds the tensors (weights, optimiser
+    buffers, random-number states) and string metadata; it is written atomically at most
+    every :data:`CHECKPOINT_SECONDS`, read back by :meth:`load` (an unreadable file is
+    ignored with a warning) and removed once the finished fit is cached. Only the process
+    holding the cache file's lock (:func:`cached_tensors`) builds, so only it writes here.
+    """
+
+    def __init__(self, cache_file: Path, every_s: float | None = None) -> None:
+        self.path = cache_file.with_name(cache_file.name.removesuffix(".safetensors") + ".partial.safetensors")
+        self.every_s = CHECKPOINT_SECONDS if every_s is None else every_s
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        """Whether :attr:`every_s` has passed since the last save (or since the start)."""
+        return time.monotonic() - self._last >= self.every_s
+
+    def save(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+        from safetensors.torch import save_file
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}-", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=dict(meta))
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self._last = time.monotonic()
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The saved tensors and metadata, or None when there is no readable checkpoint."""
+        from safetensors import SafetensorError, safe_open
+
+        if not self.path.is_file():
+            return None
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            warnings.warn(f"ignoring unreadable fit checkpoint {self.path}: {exc}; the fit starts over", stacklevel=2)
+            return None
+        return tensors, meta
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    """An optimiser's state as flat tensors ``<prefix>.<param index>.<name>`` and its param
+    groups (learning rates included) as JSON, for a safetensors checkpoint."""
+    sd = opt.state_dict()
+    tensors = {
+        f"{prefix}.{idx}.{name}": value
+        for idx, state in sd["state"].items()
+        for name, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
+    return tensors, json.dumps(sd["param_groups"])
+
+
+def load_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: Mapping[str, torch.Tensor], groups: str) -> None:
+    """Restore what :func:`optimizer_tensors` saved into ``opt`` (built as it was)."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        head, _, name = key.rpartition(".")
+        owner, _, idx = head.rpartition(".")
+        if owner == prefix:
+            state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": json.loads(groups)})
+
+
+def module_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def load_module(module: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
 
 
 def train_clean_model(
