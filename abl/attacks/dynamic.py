@@ -272,7 +272,7 @@ class Dynamic(surrogate.SurrogateParams, Attack):
         pattern_net, mask_net = (g.to(device) for g in self._new_generators())
         opt_m = torch.optim.Adam(mask_net.parameters(), self.generator_lr, betas=(0.5, 0.9))
         sched_m = torch.optim.lr_scheduler.MultiStepLR(opt_m, _fractions(self.mask_epochs, (0.4, 0.8)), 0.1)
-        classifier = opt_c = opt_g = sched_c = sched_g = None
+        classifier = opt_c = opt_g = None  # built after the mask stage; read by save()
         correct = torch.zeros(3, device=device)
         counts = torch.zeros(3, device=device)
 
